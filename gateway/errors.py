@@ -1,0 +1,64 @@
+"""The error middleware: the only place where errors become HTTP responses.
+
+Every error body has the spec's shape ``{"success": false, "error": ..., "message": ...}``; nothing the
+client sends can produce a stack trace or a 500 (a 500 means the worker gave up or we have a bug).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.keys import SETTINGS
+from gateway.responses import json_response
+from shared.errors import (
+    BodyTooLarge,
+    ClientError,
+    MethodNotAllowed,
+    NotFound,
+    RequestInvalid,
+    ServiceUnavailable,
+)
+
+log = logging.getLogger("gateway.errors")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _from_http_exception(exc: web.HTTPException) -> ClientError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return BodyTooLarge("请求体过大")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("接口不存在")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"不支持{exc.method}方法")
+    error = RequestInvalid(exc.reason or "请求无效")
+    error.status = exc.status
+    return error
+
+
+def error_response(error: ClientError, retry_after: int) -> web.Response:
+    response = json_response(error.body(), status=error.status)
+    if isinstance(error, ServiceUnavailable):
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    retry_after = request.app[SETTINGS].retry_after_seconds
+    try:
+        return await handler(request)
+    except ClientError as error:
+        return error_response(error, retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc), retry_after)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response(
+            {"success": False, "error": "服务器内部错误", "message": "服务器处理失败"}, status=500
+        )

@@ -1,0 +1,90 @@
+"""HTTP handlers: ``POST /api/external/customers`` and the health check."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+
+from gateway import responses
+from gateway.keys import CLOCK, RPC, SETTINGS
+from shared.envelope import RequestEnvelope, body_hash
+from shared.errors import (
+    BodyTooLarge,
+    IdempotencyKeyReused,
+    PhoneTaken,
+    ProcessingFailed,
+    RequestInvalid,
+    UnsupportedMediaType,
+)
+from shared.model import parse_customer
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+async def read_json_body(request: web.Request, limit: int) -> object:
+    """The decoded JSON body, or the matching ClientError (415, 413, 400)."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Content-Type必须为application/json")
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"请求体不能超过{limit}字节")
+    raw = await request.read()  # aiohttp enforces client_max_size (= limit) for chunked bodies
+    if not raw.strip():
+        raise RequestInvalid("请求体不能为空")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RequestInvalid("请求体不是有效的JSON") from None
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise RequestInvalid(f"Idempotency-Key必须是1到{MAX_IDEMPOTENCY_KEY}个可打印字符")
+    return key
+
+
+async def post_customer(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    settings, rpc = request.app[SETTINGS], request.app[RPC]
+    data = await read_json_body(request, settings.body_limit)
+    customer = parse_customer(data)
+    key = idempotency_key(request)
+    payload = customer.wire()
+    envelope = RequestEnvelope(
+        request_id=uuid.uuid4().hex,
+        stamp=request.app[CLOCK].now(),
+        user_id=customer.user_id,
+        payload=payload,
+        idempotency_key=key,
+        body_hash=body_hash(payload) if key is not None else None,
+    )
+    outcome_future = await rpc.submit(envelope)  # returns once the broker confirmed: nothing is lost now
+    remaining = settings.rpc_timeout - (time.monotonic() - started)
+    try:
+        outcome = await asyncio.wait_for(outcome_future, timeout=max(remaining, 0.001))
+    except TimeoutError:
+        rpc.forget(envelope.request_id)
+        return responses.accepted(envelope.user_id, envelope.request_id)
+
+    if outcome.status == "created" and outcome.id is not None:
+        return responses.created(outcome.id, outcome.user_id)
+    if outcome.status == "updated" and outcome.id is not None:
+        return responses.updated(outcome.id, outcome.user_id)
+    if outcome.status == "phone_taken":
+        raise PhoneTaken(outcome.error or "手机号已存在")
+    if outcome.status == "idempotency_conflict":
+        raise IdempotencyKeyReused(outcome.error or "Idempotency-Key已用于内容不同的请求")
+    raise ProcessingFailed("客户数据处理失败，请求已转入死信队列")
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[RPC].available:
+        return responses.json_response({"success": True, "status": "ok"})
+    return responses.json_response({"success": False, "status": "broker unavailable"}, status=503)

@@ -1,0 +1,172 @@
+"""Request/reply over RabbitMQ with publisher confirms and per-shard packing.
+
+``RpcClient.submit(envelope)`` returns once the broker has *confirmed* the request (it is durable from then
+on) and gives back a future for the worker's outcome. Requests for the same shard that arrive while a
+publish is awaiting its confirm are packed into the next message: one message and one confirm carry many
+requests under load, and a lone request still goes out at once.
+
+Replies come on this gateway's own exclusive queue and are matched by request id, so any number of
+requests can be in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
+from shared.errors import ServiceUnavailable
+from shared.settings import Settings
+from shared.topology import Topology, shard_for
+
+log = logging.getLogger("gateway.rpc")
+
+BROKER_DOWN = "消息队列暂不可用"
+
+
+@dataclass(eq=False)
+class _Shard:
+    queued: list[tuple[RequestEnvelope, asyncio.Future[None]]] = field(default_factory=list)
+    flushing: bool = False
+
+
+class RpcClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topology = Topology.from_settings(settings)
+        self.instance = uuid.uuid4().hex[:12]
+        self.connection: AbstractRobustConnection | None = None
+        # Strong references: aio-pika restores only channels/queues/consumers that are still referenced.
+        self.channel: AbstractRobustChannel | None = None
+        self.exchange: AbstractExchange | None = None
+        self.reply_queue: AbstractQueue | None = None
+        self.pending: dict[str, asyncio.Future[Outcome]] = {}
+        self._shards = [_Shard() for _ in range(settings.shard_count)]
+        self._flush_tasks: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.connection = await aio_pika.connect_robust(
+            self.settings.amqp_url, client_properties={"connection_name": f"crm-gateway-{self.instance}"}
+        )
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        assert self.channel is not None
+        # The gateway declares the shard queues too: a request accepted before any worker started must
+        # have a queue to land in, or the broker would drop it.
+        self.exchange, _ = await self.topology.declare(self.channel)
+        self.reply_queue = await self.channel.declare_queue(
+            self.topology.reply_queue(self.instance), exclusive=True, auto_delete=True
+        )
+        await self.reply_queue.consume(self._on_reply, no_ack=True)
+        log.info("gateway %s connected; replies on %s", self.instance, self.reply_queue.name)
+
+    async def stop(self) -> None:
+        if self._flush_tasks:
+            await asyncio.gather(*self._flush_tasks, return_exceptions=True)
+        if self.connection is not None:
+            await self.connection.close()
+
+    @property
+    def available(self) -> bool:
+        connection = self.connection
+        return (
+            connection is not None
+            and connection.connected.is_set()
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    async def submit(self, envelope: RequestEnvelope) -> asyncio.Future[Outcome]:
+        """Publish ``envelope``; return the future of its outcome once the broker confirmed it.
+
+        Raises ``ServiceUnavailable`` when the broker is unreachable or does not confirm in time.
+        """
+        if not self.available:
+            raise ServiceUnavailable(BROKER_DOWN)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Outcome] = loop.create_future()
+        confirmed: asyncio.Future[None] = loop.create_future()
+        self.pending[envelope.request_id] = outcome
+        shard_index = shard_for(envelope.user_id, self.settings.shard_count)
+        shard = self._shards[shard_index]
+        shard.queued.append((envelope, confirmed))
+        if not shard.flushing:
+            shard.flushing = True
+            task = asyncio.create_task(self._flush(shard_index))
+            self._flush_tasks.add(task)
+            task.add_done_callback(self._flush_tasks.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self.settings.publish_timeout)
+        except ServiceUnavailable:
+            self.pending.pop(envelope.request_id, None)
+            raise
+        except Exception as exc:  # no confirm in time, channel closed under us...
+            self.pending.pop(envelope.request_id, None)
+            raise ServiceUnavailable(BROKER_DOWN) from exc
+        except asyncio.CancelledError:  # the client went away; the request may still be applied
+            self.pending.pop(envelope.request_id, None)
+            raise
+        return outcome
+
+    def forget(self, request_id: str) -> None:
+        """Stop waiting for a reply (the caller answered 202)."""
+        self.pending.pop(request_id, None)
+
+    async def _flush(self, shard_index: int) -> None:
+        shard = self._shards[shard_index]
+        try:
+            while shard.queued:
+                batch = shard.queued[: self.settings.max_pack_size]
+                del shard.queued[: len(batch)]
+                try:
+                    await self._publish_pack(shard_index, [envelope for envelope, _ in batch])
+                except Exception as exc:
+                    log.warning("publish of %d requests failed: %s", len(batch), exc)
+                    for _, confirmed in batch:
+                        if not confirmed.done():
+                            confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
+                else:
+                    for _, confirmed in batch:
+                        if not confirmed.done():
+                            confirmed.set_result(None)
+        finally:
+            shard.flushing = False
+
+    async def _publish_pack(self, shard_index: int, envelopes: list[RequestEnvelope]) -> None:
+        assert self.exchange is not None and self.reply_queue is not None
+        message = aio_pika.Message(
+            encode_pack(envelopes),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            reply_to=self.reply_queue.name,
+            message_id=envelopes[0].request_id,
+        )
+        await self.exchange.publish(
+            message, routing_key=self.topology.routing_key(shard_index),
+            timeout=self.settings.publish_timeout,
+        )
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            outcomes = decode_reply(message.body)
+        except Exception as exc:
+            log.warning("ignoring malformed reply: %s", exc)
+            return
+        for outcome in outcomes:
+            future = self.pending.pop(outcome.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(outcome)

@@ -1,0 +1,129 @@
+"""One error model for the whole service.
+
+* ``ClientError`` and its children: the caller sent something we refuse. Only the gateway's error
+  middleware turns them into HTTP (status + the spec's JSON shape).
+* ``RetryableError``: the world is temporarily broken (database restarting, deadlock). The worker keeps the
+  message unacked and retries with backoff for as long as it takes; it is never dead-lettered.
+* ``PermanentError``: retrying will not help by itself (a constraint or trigger raising, a malformed
+  message). The worker retries it a bounded number of times, then dead-letters it.
+
+Business outcomes such as "phone taken" are not exceptions: they are results the worker records and replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+VALIDATION_MESSAGE = "请求数据验证失败"
+
+
+class CrmError(Exception):
+    """Root of every error this service raises on purpose."""
+
+
+class ClientError(CrmError):
+    """A request the gateway refuses; carries everything needed for the HTTP answer."""
+
+    status = 400
+    message = VALIDATION_MESSAGE
+
+    def __init__(self, error: str, *, details: list[dict[str, str]] | None = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"success": False, "error": self.error, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class RequestInvalid(ClientError):
+    status = 400
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+
+
+class NotFound(ClientError):
+    status = 404
+    message = "接口不存在"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    message = "请求方法不支持"
+
+
+class PhoneTaken(ClientError):
+    status = 409
+    message = "客户数据冲突"
+
+
+class IdempotencyKeyReused(ClientError):
+    status = 422
+    message = "幂等键冲突"
+
+
+class ServiceUnavailable(ClientError):
+    """The broker cannot take the request right now; the client should retry later."""
+
+    status = 503
+    message = "服务暂时不可用，请稍后重试"
+
+
+class ProcessingFailed(ClientError):
+    """The worker gave up on the request (it is in the dead-letter queue)."""
+
+    status = 500
+    message = "服务器处理失败"
+
+
+class RetryableError(CrmError):
+    """Transient failure: retry forever with capped backoff, never dead-letter."""
+
+
+class PermanentError(CrmError):
+    """Failure that survives a retry: bounded retries, then the dead-letter queue."""
+
+
+# Postgres failures that go away by themselves: the server restarting or shutting down, lost connections,
+# lock conflicts, resource limits. A unique violation is transient too: it means another worker committed
+# a conflicting row (phone, idempotency key) after our pre-check; the retry sees that row and decides.
+_TRANSIENT_PG = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.UniqueViolationError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a database/network failure is worth retrying without limit."""
+    if isinstance(exc, (RetryableError, *_TRANSIENT_PG)):
+        return True
+    if isinstance(exc, asyncpg.exceptions.InterfaceError | asyncpg.exceptions.InternalClientError):
+        return True
+    if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        # Class 08 (connection exception), 53 (insufficient resources), 57 (operator intervention),
+        # 58 (system error) are environmental, whatever subclass asyncpg picked.
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in {"08", "53", "57", "58"}
+    return False

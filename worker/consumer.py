@@ -1,0 +1,281 @@
+"""Transport side of the worker: the one place where messages are acked, retried or dead-lettered.
+
+Flow: ``on_message`` splits each delivered pack into work items and queues them; ``run_applier`` loops
+take batches (``worker.batch``), apply them in one transaction (``worker.repository``), publish the replies
+and ack every pack whose requests are all settled. Error policy (``shared.errors``):
+
+* transient database trouble: keep everything unacked, back off (capped), try the same batch again;
+* anything else on a batch: split it and apply each request alone, so one poison request cannot fail its
+  neighbours;
+* a request that fails alone: retried ``max_attempts`` times with exponential backoff, then published to the
+  dead-letter queue (confirmed) and answered with a failure reply. Only then is its pack acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from pydantic import ValidationError
+
+from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
+from shared.errors import PermanentError, is_transient
+from shared.settings import Settings
+from shared.topology import Topology
+from worker.batch import Inbox
+from worker.deadletter import dead_letter_message
+from worker.repository import Request, apply_batch
+
+log = logging.getLogger("worker.consumer")
+
+# Transient errors that come from the data of the batch rather than from the environment: the batch is
+# split instead of being retried whole (an in-batch phone swap would otherwise fail the same way forever).
+_SPLIT_ON = (
+    asyncpg.exceptions.UniqueViolationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One AMQP message (a pack of requests); acked once every request in it is settled."""
+
+    message: AbstractIncomingMessage
+    pending: int
+
+
+@dataclass(eq=False)
+class WorkItem:
+    raw: dict[str, Any]
+    delivery: Delivery
+    request: Request | None
+    invalid: BaseException | None = None
+    attempts: int = 0
+    first_failure: dt.datetime | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        value = self.raw.get("request_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def user_id(self) -> str | None:
+        value = self.raw.get("user_id")
+        return value if isinstance(value, str) else None
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff: base, 2*base, 4*base... never above cap (attempt counts from 1)."""
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+@dataclass(eq=False)
+class Consumer:
+    settings: Settings
+    topology: Topology
+    pool: asyncpg.Pool
+    publish_channel: AbstractChannel
+    inbox: Inbox = field(default_factory=Inbox)
+    unsettled: set[Delivery] = field(default_factory=set)
+    _retry_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    # ---- intake -------------------------------------------------------------------------------------
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Consumer callback: split the pack into work items (never blocks on the database)."""
+        try:
+            raws = decode_pack(message.body)
+        except PermanentError as exc:
+            # Not a pack at all: retrying cannot change the bytes, so it is dead-lettered at once.
+            delivery = Delivery(message, pending=1)
+            self._track(delivery)
+            item = WorkItem(raw={}, delivery=delivery, request=None, invalid=exc, attempts=1)
+            await self._dead_letter(item, exc, body=message.body)
+            return
+        delivery = Delivery(message, pending=len(raws))
+        if not raws:
+            await self._ack(delivery)
+            return
+        self._track(delivery)
+        items = [self._work_item(raw, delivery) for raw in raws]
+        for item in items:
+            if item.request is None:
+                self._schedule_retry(item, item.invalid or PermanentError("invalid request"))
+            else:
+                self.inbox.put(item)
+
+    def _work_item(self, raw: dict[str, Any], delivery: Delivery) -> WorkItem:
+        try:
+            envelope = RequestEnvelope.model_validate(raw)
+            return WorkItem(raw, delivery, Request(envelope, envelope.customer()))
+        except (ValidationError, PermanentError) as exc:
+            error = exc if isinstance(exc, PermanentError) else PermanentError(f"invalid envelope: {exc}")
+            return WorkItem(raw, delivery, None, invalid=error)
+
+    def _track(self, delivery: Delivery) -> None:
+        self.unsettled.add(delivery)
+        self._idle.clear()
+
+    # ---- applying -----------------------------------------------------------------------------------
+
+    async def run_applier(self) -> None:
+        """Take batches from the inbox forever (one of ``worker_concurrency`` such loops)."""
+        while True:
+            items = await self.inbox.next_batch(self.settings.worker_batch_size)
+            try:
+                await self._apply_items(items)
+            except Exception:  # a bug, not a message problem: keep the loop alive, leave them unacked
+                log.exception("applier failed on %d requests; they stay unacked until redelivery", len(items))
+            finally:
+                self.inbox.batch_done()
+
+    async def _apply_items(self, items: list[WorkItem]) -> None:
+        attempt = 0
+        while True:
+            try:
+                outcomes = await self._apply_in_db(items)
+            except Exception as exc:
+                if is_transient(exc) and not isinstance(exc, _SPLIT_ON):
+                    attempt += 1
+                    delay = backoff(attempt, self.settings.retry_base_delay, self.settings.retry_max_delay)
+                    log.warning("transient database error (%s), retrying %d requests in %.1fs",
+                                exc.__class__.__name__, len(items), delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if len(items) > 1:
+                    log.warning("batch of %d failed (%s: %s); applying one by one",
+                                len(items), exc.__class__.__name__, exc)
+                    for item in items:
+                        await self._apply_items([item])
+                    return
+                if is_transient(exc):  # a lone request lost a race: the retry sees the winner's row
+                    attempt += 1
+                    await asyncio.sleep(backoff(attempt, 0.05, self.settings.retry_max_delay))
+                    continue
+                self._schedule_retry(items[0], exc)
+                return
+            await self._settle(items, outcomes)
+            return
+
+    async def _apply_in_db(self, items: list[WorkItem]) -> list[Outcome]:
+        window = dt.timedelta(hours=self.settings.idempotency_window_hours)
+        async with self.pool.acquire() as conn:
+            return await apply_batch(conn, [item.request for item in items if item.request], window)
+
+    # ---- poison requests ----------------------------------------------------------------------------
+
+    def _schedule_retry(self, item: WorkItem, exc: BaseException) -> None:
+        now = dt.datetime.now(dt.UTC)
+        item.attempts += 1
+        item.first_failure = item.first_failure or now
+        if item.attempts >= self.settings.max_attempts:
+            task = asyncio.create_task(self._dead_letter(item, exc))
+        else:
+            delay = backoff(item.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
+            log.warning("request %s failed (attempt %d/%d: %s: %s); retrying in %.1fs", item.request_id,
+                        item.attempts, self.settings.max_attempts, exc.__class__.__name__, exc, delay)
+            task = asyncio.create_task(self._retry_after(item, delay))
+        self._retry_tasks.add(task)
+        task.add_done_callback(self._retry_tasks.discard)
+
+    async def _retry_after(self, item: WorkItem, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if item.request is None:
+            # A request that fails the shared schema fails it again: count the attempt and move on.
+            self._schedule_retry(item, item.invalid or PermanentError("invalid request"))
+            return
+        await self._apply_items([item])
+
+    async def _dead_letter(self, item: WorkItem, exc: BaseException, body: bytes | None = None) -> None:
+        now = dt.datetime.now(dt.UTC)
+        message = dead_letter_message(
+            body if body is not None else orjson.dumps(item.raw),
+            error=exc,
+            attempts=item.attempts,
+            first_failure=item.first_failure or now,
+            last_failure=now,
+            routing_key=item.delivery.message.routing_key or "",
+            request_id=item.request_id,
+            user_id=item.user_id,
+        )
+        while True:
+            try:
+                await self.publish_channel.default_exchange.publish(
+                    message, routing_key=self.topology.dead_letter_queue
+                )
+                break
+            except Exception as publish_error:  # broker trouble: the item stays unacked until it works
+                log.warning("dead-lettering %s failed (%s); retrying", item.request_id, publish_error)
+                await asyncio.sleep(1.0)
+        log.error("request %s dead-lettered after %d attempts: %s", item.request_id, item.attempts, exc)
+        failed = None
+        if item.request_id and item.user_id:
+            failed = Outcome(request_id=item.request_id, user_id=item.user_id, status="failed",
+                             error=f"{exc.__class__.__name__}: {exc}"[:500])
+        await self._settle([item], [failed] if failed else [])
+
+    # ---- replies and acks ---------------------------------------------------------------------------
+
+    async def _settle(self, items: list[WorkItem], outcomes: Iterable[Outcome]) -> None:
+        """Reply to the waiting gateways, then ack every pack that has nothing left pending."""
+        by_request = {outcome.request_id: outcome for outcome in outcomes}
+        replies: dict[str, list[Outcome]] = defaultdict(list)
+        for item in items:
+            reply_to = item.delivery.message.reply_to
+            outcome = by_request.get(item.request_id or "")
+            if reply_to and outcome is not None:
+                replies[reply_to].append(outcome)
+        await asyncio.gather(*(self._reply(reply_to, batch) for reply_to, batch in replies.items()))
+        for item in items:
+            item.delivery.pending -= 1
+            if item.delivery.pending == 0:
+                await self._ack(item.delivery)
+
+    async def _reply(self, reply_to: str, outcomes: list[Outcome]) -> None:
+        try:
+            await self.publish_channel.default_exchange.publish(
+                aio_pika.Message(encode_reply(outcomes), content_type="application/json"),
+                routing_key=reply_to,
+                mandatory=False,
+            )
+        except Exception as exc:
+            # The write is committed; a lost reply only turns the gateway's answer into 202.
+            log.warning("reply to %s lost: %s", reply_to, exc)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        try:
+            await delivery.message.ack()
+        except Exception as exc:
+            # The channel died after the commit: the broker redelivers and processed_requests answers.
+            log.warning("ack failed (%s); the message will be redelivered and deduplicated", exc)
+        self.unsettled.discard(delivery)
+        if not self.unsettled:
+            self._idle.set()
+
+    # ---- shutdown -----------------------------------------------------------------------------------
+
+    async def drain(self, deadline: float) -> bool:
+        """Wait until every delivered pack is settled, at most ``deadline`` seconds; True if all were."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=deadline)
+            return True
+        except TimeoutError:
+            return False
+
+    def cancel_retries(self) -> None:
+        for task in list(self._retry_tasks):
+            task.cancel()

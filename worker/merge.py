@@ -1,0 +1,53 @@
+"""Pure merge logic: how one request changes one customer's state. No I/O; unit-tested directly.
+
+Rules (spec + per-field stamps):
+* a field the request did not provide (missing, null, "") never changes the stored value (COALESCE);
+* a provided field wins only when the request's stamp is newer than that field's stamp, so applying a
+  userId's requests in any order gives the row that applying them in gateway order gives;
+* the spec's defaults fill a customer only when it is created, with stamp 0 (any real value is newer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.model import CREATE_DEFAULTS
+
+# Every stored column a request can set, in table order (user_id is the key, not a field).
+FIELDS: tuple[str, ...] = (
+    "bot_id", "nickname", "name", "phone", "backup_phone", "wechat", "status", "community",
+    "business_type", "room_type", "room_tags", "move_in_date", "lease_period", "price_range",
+    "source_channel", "creator", "internal_notes",
+)
+JSON_FIELDS: frozenset[str] = frozenset({"room_tags"})
+
+
+@dataclass
+class CustomerState:
+    """One customer as the batch sees it: stored values plus per-field write stamps."""
+
+    user_id: str
+    values: dict[str, Any]
+    stamps: dict[str, int] = field(default_factory=dict)
+    id: int | None = None
+    dirty: bool = False
+
+    @classmethod
+    def new(cls, user_id: str) -> CustomerState:
+        values: dict[str, Any] = dict.fromkeys(FIELDS)
+        values.update(CREATE_DEFAULTS)
+        return cls(user_id=user_id, values=values)
+
+    def apply(self, fields: dict[str, Any], stamp: int) -> None:
+        """Merge provided ``fields`` written at ``stamp`` (last-writer-wins per field)."""
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if stamp > self.stamps.get(name, 0):
+                self.values[name] = value
+                self.stamps[name] = stamp
+        self.dirty = True
+
+    def would_set(self, name: str, value: Any, stamp: int) -> bool:
+        return value is not None and stamp > self.stamps.get(name, 0)
