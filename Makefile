@@ -1,0 +1,41 @@
+# Targets used by people and by CI alike. `make test` works on a fresh machine: it creates the venv,
+# installs the project with its test extras, lints, type-checks and runs the suite against the
+# PostgreSQL and RabbitMQ at DATABASE_URL / AMQP_URL (starting them with docker compose if unreachable).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install lint test unit services run-gateway run-worker migrate bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+services: install
+	$(BIN)/python scripts/ensure_services.py
+
+test: lint services
+	$(BIN)/pytest
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+migrate: install
+	$(BIN)/python -m shared.migrate
+
+run-worker: install
+	$(BIN)/python -m worker
+
+run-gateway: install
+	$(BIN)/python -m gateway
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,192 @@
+"""Test support: isolated database and vhost, and the real processes (gateway, worker) run as subprocesses.
+
+Everything talks to the real PostgreSQL and RabbitMQ named by DATABASE_URL / AMQP_URL. Each test run creates
+its own database and its own RabbitMQ vhost and removes them at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+RUN_ID = uuid.uuid4().hex[:8]
+
+_counter = itertools.count(1)
+
+
+def unique_user(prefix: str = "u") -> str:
+    return f"{prefix}_{RUN_ID}_{next(_counter)}"
+
+
+_phone_counter = itertools.count(int(time.time() * 1000) % 10_000_000)
+
+
+def unique_phone() -> str:
+    """A valid, run-unique mainland mobile number (1[3-9]xxxxxxxxx)."""
+    return f"15{next(_phone_counter) % 1_000_000_000:09d}"
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True)
+
+
+def have_rabbitmqctl() -> bool:
+    return shutil.which("rabbitmqctl") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Proc:
+    """One of our processes (``python -m gateway`` / ``python -m worker``) with its log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.env = env
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no chance to ack, reply or clean up."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the process to exit; returns its exit code."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        try:
+            self.terminate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+class Gateway(Proc):
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("gateway", env, log_path)
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"gateway exited:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway not healthy after {timeout}s:\n{self.output()}")
+
+
+class Worker(Proc):
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__("worker", env, log_path)
+
+    def wait_consuming(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"worker exited:\n{self.output()}")
+            if "consuming" in self.output():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not consuming after {timeout}s:\n{self.output()}")
+
+
+class Stack:
+    """Gateways and workers of one isolated environment (database + vhost + queue prefix)."""
+
+    def __init__(self, database_url: str, amqp_url: str, prefix: str, log_dir: Path, **overrides: Any) -> None:
+        self.database_url = database_url
+        self.amqp_url = amqp_url
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.overrides = {key.upper(): str(value) for key, value in overrides.items()}
+        self.procs: list[Proc] = []
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.database_url,
+            AMQP_URL=self.amqp_url,
+            AMQP_PREFIX=self.prefix,
+            HOST="127.0.0.1",
+            PYTHONUNBUFFERED="1",
+            LOG_LEVEL="INFO",
+        )
+        env.update(self.overrides)
+        env.update({key.upper(): str(value) for key, value in overrides.items()})
+        return env
+
+    def start_worker(self, wait: bool = True, **overrides: Any) -> Worker:
+        n = sum(isinstance(p, Worker) for p in self.procs) + 1
+        worker = Worker(self.env(**overrides), self.log_dir / f"worker-{n}.log")
+        self.procs.append(worker)
+        if wait:
+            worker.wait_consuming()
+        return worker
+
+    def start_gateway(self, wait: bool = True, **overrides: Any) -> Gateway:
+        n = sum(isinstance(p, Gateway) for p in self.procs) + 1
+        overrides.setdefault("PORT", free_port())
+        gateway = Gateway(self.env(**overrides), self.log_dir / f"gateway-{n}.log")
+        self.procs.append(gateway)
+        if wait:
+            gateway.wait_healthy()
+        return gateway
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
