@@ -133,3 +133,8 @@ async def post(
 async def fetch_customer(db: asyncpg.Pool, user_id: str) -> dict[str, Any] | None:
     row = await db.fetchrow("SELECT * FROM customers WHERE user_id = $1", user_id)
     return dict(row) if row is not None else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fault tests stop and restart the shared broker and database: run them after everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("fault") is not None)

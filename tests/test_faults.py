@@ -1,0 +1,242 @@
+"""Faults really caused against the real services: kill -9, SIGTERM, broker stop, database stop.
+
+Promise under test: once the gateway answered 2xx or 202, the request is applied exactly once in effect,
+and the answers tell the truth. These tests stop shared services, so they run last (see conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.conftest import post
+from tests.faults import postgres_down, rabbit_down
+from tests.support import Stack, unique_phone, unique_user
+
+pytestmark = pytest.mark.fault
+
+ACCEPTED = {200, 201, 202}
+
+
+async def run_clients(
+    url: str, users: list[str], per_user: int, connections: int = 100
+) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """Each user is one client sending ``per_user`` requests in sequence (waiting for each answer)."""
+    answers: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+
+        async def client(user: str) -> None:
+            phone = unique_phone()
+            for i in range(per_user):
+                body: dict[str, Any] = {"userId": user, "nickname": f"v{i}"}
+                if i == 0:
+                    body["phone"] = phone
+                answers[user].append(await post(http, url, body))
+
+        await asyncio.gather(*(client(user) for user in users))
+    return answers
+
+
+async def wait_for(predicate: Callable[[], Any], within: float, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = await predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(interval)
+
+
+async def rows_with_last_value(db: asyncpg.Pool, users: list[str], value: str) -> int:
+    count: int = await db.fetchval(
+        "SELECT count(*) FROM customers WHERE user_id = ANY($1) AND nickname = $2", users, value
+    )
+    return count
+
+
+async def dead_letter_count(stack: Stack) -> int:
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{stack.prefix}.dead", passive=True)
+        count = queue.declaration_result.message_count
+        return int(count or 0)
+
+
+def assert_truthful_answers(answers: dict[str, list[tuple[int, dict[str, Any]]]]) -> None:
+    for user, replies in answers.items():
+        statuses = [status for status, _ in replies]
+        assert set(statuses) <= ACCEPTED, (user, replies)
+        assert statuses.count(201) <= 1, (user, statuses)
+        if 202 not in statuses:
+            assert statuses[0] == 201 and statuses.count(201) == 1, (user, statuses)
+        ids = {body["data"]["id"] for status, body in replies if status in (200, 201)}
+        assert len(ids) <= 1, (user, ids)
+
+
+async def test_worker_killed_mid_burst_loses_nothing(make_stack: Callable[..., Stack], db: asyncpg.Pool) -> None:
+    stack = make_stack(RPC_TIMEOUT=5)
+    victim = stack.start_worker()
+    stack.start_worker()
+    gateway = stack.start_gateway()
+    users = [unique_user("kill") for _ in range(200)]
+
+    async def kill_then_replace() -> None:
+        await asyncio.sleep(1.0)
+        victim.kill()
+        await asyncio.to_thread(stack.start_worker)
+
+    answers, _ = await asyncio.gather(
+        run_clients(f"{gateway.url}/api/external/customers", users, per_user=8), kill_then_replace()
+    )
+    assert not victim.alive()
+    assert_truthful_answers(answers)
+    assert await wait_for(lambda: rows_with_last_value(db, users, "v7"), 60) == len(users)
+    applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
+    assert applied == len(users) * 8  # every request applied exactly once
+    assert await db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users) == len(users)
+
+
+async def test_worker_sigterm_drains_in_flight_and_exits(
+    make_stack: Callable[..., Stack], db: asyncpg.Pool
+) -> None:
+    stack = make_stack(SHUTDOWN_DEADLINE=20, RPC_TIMEOUT=5)
+    worker = stack.start_worker()
+    gateway = stack.start_gateway()
+    users = [unique_user("term") for _ in range(150)]
+
+    async def terminate_then_replace() -> int:
+        await asyncio.sleep(1.0)
+        code = await asyncio.to_thread(worker.terminate, 60)
+        await asyncio.to_thread(stack.start_worker)
+        return code
+
+    answers, exit_code = await asyncio.gather(
+        run_clients(f"{gateway.url}/api/external/customers", users, per_user=6), terminate_then_replace()
+    )
+    assert exit_code == 0, worker.output()
+    log = worker.output()
+    assert "worker stopped" in log and "drain deadline reached" not in log
+    assert_truthful_answers(answers)
+    assert await wait_for(lambda: rows_with_last_value(db, users, "v5"), 60) == len(users)
+    applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
+    assert applied == len(users) * 6
+
+
+async def test_gateway_sigterm_answers_in_flight_requests_then_exits(
+    make_stack: Callable[..., Stack], db: asyncpg.Pool
+) -> None:
+    stack = make_stack(RPC_TIMEOUT=3, SHUTDOWN_DEADLINE=10)
+    gateway = stack.start_gateway()  # no worker yet: requests wait for their reply until RPC_TIMEOUT
+    users = [unique_user("gwterm") for _ in range(10)]
+    async with aiohttp.ClientSession() as http:
+        pending = [
+            asyncio.create_task(post(http, f"{gateway.url}/api/external/customers", {"userId": u, "name": "x"}))
+            for u in users
+        ]
+        await asyncio.sleep(0.8)
+        exit_code_task = asyncio.create_task(asyncio.to_thread(gateway.terminate, 30))
+        answers = await asyncio.gather(*pending)
+        exit_code = await exit_code_task
+    assert [status for status, _ in answers] == [202] * len(users), answers
+    assert exit_code == 0, gateway.output()
+    stack.start_worker()  # accepted means durable: a worker started later applies them all
+    assert await wait_for(
+        lambda: db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users), 30
+    ) == len(users)
+
+
+async def test_broker_restart_gateway_503_then_everyone_reconnects(
+    make_stack: Callable[..., Stack], db: asyncpg.Pool
+) -> None:
+    stack = make_stack()
+    worker = stack.start_worker()
+    gateway = stack.start_gateway()
+    url = f"{gateway.url}/api/external/customers"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        status, _ = await post(http, url, {"userId": unique_user("rmq"), "name": "before"})
+        assert status == 201
+
+        async with rabbit_down():
+
+            async def gateway_sees_outage() -> bool:
+                async with http.get(f"{gateway.url}/healthz") as response:
+                    return response.status == 503
+
+            assert await wait_for(gateway_sees_outage, 20)
+            started = time.monotonic()
+            async with http.post(url, json={"userId": unique_user("rmq"), "name": "during"}) as response:
+                body = await response.json()
+                assert response.status == 503
+                assert response.headers.get("Retry-After", "").isdigit()
+            assert time.monotonic() - started < 2.0  # at once, not after a timeout
+            assert body["success"] is False and body["error"] and body["message"]
+
+        # Same processes, no restart: the gateway publishes again and the worker consumes again (201
+        # needs the worker's reply).
+        user = unique_user("rmq")
+
+        async def request_succeeds() -> bool:
+            status, _ = await post(http, url, {"userId": user, "name": "after"})
+            return status in (200, 201)
+
+        assert await wait_for(request_succeeds, 90, interval=1.0)
+        status, body = await post(http, url, {"userId": unique_user("rmq"), "name": "after2"})
+        assert status == 201, body
+    assert worker.alive() and gateway.alive()
+    assert await db.fetchval("SELECT name FROM customers WHERE user_id = $1", user) == "after"
+
+
+async def test_postgres_down_requests_get_202_and_apply_in_order_when_it_returns(
+    make_stack: Callable[..., Stack], database_url: str
+) -> None:
+    stack = make_stack(RPC_TIMEOUT=1.5)
+    worker = stack.start_worker()
+    gateway = stack.start_gateway()
+    url = f"{gateway.url}/api/external/customers"
+    user = unique_user("pg")
+    request_ids = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        status, _ = await post(http, url, {"userId": user, "nickname": "start", "phone": unique_phone()})
+        assert status == 201
+        async with postgres_down():
+            for i in range(5):
+                status, body = await post(http, url, {"userId": user, "nickname": f"p{i}", "wechat": f"w{i}"})
+                assert status == 202, body
+                assert body["success"] is True and body["data"]["userId"] == user
+                request_ids.append(body["data"]["requestId"])
+            await asyncio.sleep(2)  # the worker keeps retrying meanwhile, never dead-letters
+
+    async def applied() -> bool:
+        try:
+            conn = await asyncpg.connect(database_url)
+        except (OSError, asyncpg.PostgresError):
+            return False
+        try:
+            done = await conn.fetchval(
+                "SELECT count(*) FROM processed_requests WHERE request_id = ANY($1)", request_ids
+            )
+            return bool(done == len(request_ids))
+        finally:
+            await conn.close()
+
+    assert await wait_for(applied, 90, interval=1.0)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT nickname, wechat FROM customers WHERE user_id = $1", user)
+        outcomes = Counter(await conn.fetch(
+            "SELECT outcome FROM processed_requests WHERE request_id = ANY($1)", request_ids))
+    finally:
+        await conn.close()
+    assert row is not None and (row["nickname"], row["wechat"]) == ("p4", "w4")
+    assert sum(outcomes.values()) == 5
+    assert await dead_letter_count(stack) == 0
+    assert worker.alive()
