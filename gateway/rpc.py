@@ -61,7 +61,8 @@ class RpcClient:
         self.connection = await aio_pika.connect_robust(
             self.settings.amqp_url, client_properties={"connection_name": f"crm-gateway-{self.instance}"}
         )
-        self.channel = await self.connection.channel(publisher_confirms=True)
+        # on_return_raises: a request the broker cannot route is an error (503), never silently accepted.
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         assert self.channel is not None
         # The gateway declares the shard queues too: a request accepted before any worker started must
         # have a queue to land in, or the broker would drop it.
