@@ -1,0 +1,1 @@
+"""Unit tests of pure logic: no broker, no database, no processes."""
