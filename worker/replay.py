@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime as dt
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -302,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
+    # The tool reports connection problems itself, in one "error:" line; the AMQP libraries stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     command = {"list": cmd_list, "replay": cmd_replay, "drop": cmd_drop}[args.command]
     try:
         return asyncio.run(command(settings, args))
