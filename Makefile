@@ -37,5 +37,8 @@ run-worker: install
 run-gateway: install
 	$(BIN)/python -m gateway
 
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

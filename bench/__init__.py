@@ -1,0 +1,1 @@
+"""Benchmark harness: the direct-write baseline, the load generator, and ``python -m bench.run``."""
