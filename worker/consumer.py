@@ -84,7 +84,10 @@ class Consumer:
     settings: Settings
     topology: Topology
     pool: asyncpg.Pool
+    # Dead letters are published with confirms (the pack is acked only once the broker has them); replies
+    # are not: a lost reply only turns the gateway's answer into a 202.
     publish_channel: AbstractChannel
+    reply_channel: AbstractChannel
     inbox: Inbox = field(default_factory=Inbox)
     unsettled: set[Delivery] = field(default_factory=set)
     _retry_tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -247,7 +250,7 @@ class Consumer:
 
     async def _reply(self, reply_to: str, outcomes: list[Outcome]) -> None:
         try:
-            await self.publish_channel.default_exchange.publish(
+            await self.reply_channel.default_exchange.publish(
                 aio_pika.Message(encode_reply(outcomes), content_type="application/json"),
                 routing_key=reply_to,
                 mandatory=False,

@@ -1,10 +1,11 @@
 """All SQL of the worker. ``apply_batch`` applies many requests in one transaction with one outcome each.
 
-One transaction per batch:
-  1. lock every userId of the batch (advisory, in a fixed order, so workers never deadlock on each other);
-  2. read what is already known: processed request ids, Idempotency-Keys, the customers, phone owners;
+One transaction per batch, six round trips whatever its size:
+  1. BEGIN, and lock every userId of the batch (advisory, in a fixed order, so workers never deadlock);
+  2. read what is already known: the batch's customers with the owners of its phones, the request ids
+     already processed (redeliveries, replays), and Idempotency-Keys when sent;
   3. merge in Python, request by request in stamp order (``worker.merge``);
-  4. write every changed customer with one upsert, and every outcome into ``processed_requests``.
+  4. write every changed customer and every outcome with one statement; COMMIT.
 Callers retry the whole batch on transient errors and split it on anything else.
 """
 
@@ -46,9 +47,18 @@ class Request:
     customer: CustomerIn
 
 
+# Every writer of customers goes through this lock, so it alone serialises a user's requests (no FOR UPDATE).
 LOCK_USERS = """
 SELECT pg_advisory_xact_lock(k)
 FROM (SELECT DISTINCT hashtextextended(u, 0) AS k FROM unnest($1::text[]) AS u ORDER BY k) AS keys
+"""
+
+# The batch's customers ($1) and whoever owns one of its phones ($2), in one read.
+SELECT_CUSTOMERS_AND_PHONE_OWNERS = """
+SELECT id, user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
+       room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
+       internal_notes, field_stamps
+FROM customers WHERE user_id = ANY($1::text[]) OR phone = ANY($2::text[])
 """
 
 SELECT_PROCESSED = """
@@ -66,65 +76,61 @@ SELECT idempotency_key, body_hash, user_id, customer_id, outcome
 FROM processed_requests WHERE idempotency_key = ANY($1::text[])
 """
 
-SELECT_CUSTOMERS = """
-SELECT id, user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-       room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
-       internal_notes, field_stamps
-FROM customers WHERE user_id = ANY($1::text[])
-FOR UPDATE
-"""
-
-SELECT_PHONE_OWNERS = "SELECT phone, user_id FROM customers WHERE phone = ANY($1::text[])"
-
-# The trick: the merge already happened in Python while this transaction holds the userIds' locks, so the
-# incoming row *is* the final row; ON CONFLICT just turns "insert new customers, overwrite changed ones"
-# into one statement over arrays (one round trip for the whole batch). jsonb values travel as text and are
+# The one write of a batch. The trick: the merge already happened in Python while this transaction holds the
+# userIds' locks, so each incoming row *is* the final row; ON CONFLICT just makes "insert new customers,
+# overwrite changed ones" one statement over arrays. The outcomes go into processed_requests in the same
+# statement, taking the ids of new customers from the upsert's RETURNING. jsonb values travel as text and are
 # cast back: a Python list inside a jsonb[] parameter would be read as another array dimension.
-UPSERT_CUSTOMERS = """
-INSERT INTO customers AS c (
-    user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-    room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator, internal_notes,
-    field_stamps
+WRITE_BATCH = """
+WITH upserted AS (
+    INSERT INTO customers AS c (
+        user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
+        room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
+        internal_notes, field_stamps
+    )
+    SELECT user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
+           room_type, room_tags::jsonb, move_in_date, lease_period, price_range, source_channel, creator,
+           internal_notes, field_stamps::jsonb
+    FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::smallint[],
+        $9::text[], $10::text[], $11::text[], $12::text[], $13::date[], $14::integer[], $15::text[],
+        $16::text[], $17::text[], $18::text[], $19::text[]
+    ) AS incoming (
+        user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
+        room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
+        internal_notes, field_stamps
+    )
+    ON CONFLICT (user_id) DO UPDATE SET
+        bot_id = EXCLUDED.bot_id,
+        nickname = EXCLUDED.nickname,
+        name = EXCLUDED.name,
+        phone = EXCLUDED.phone,
+        backup_phone = EXCLUDED.backup_phone,
+        wechat = EXCLUDED.wechat,
+        status = EXCLUDED.status,
+        community = EXCLUDED.community,
+        business_type = EXCLUDED.business_type,
+        room_type = EXCLUDED.room_type,
+        room_tags = EXCLUDED.room_tags,
+        move_in_date = EXCLUDED.move_in_date,
+        lease_period = EXCLUDED.lease_period,
+        price_range = EXCLUDED.price_range,
+        source_channel = EXCLUDED.source_channel,
+        creator = EXCLUDED.creator,
+        internal_notes = EXCLUDED.internal_notes,
+        field_stamps = EXCLUDED.field_stamps,
+        updated_at = now()
+    RETURNING id, user_id
+),
+recorded AS (
+    INSERT INTO processed_requests (request_id, user_id, customer_id, outcome, idempotency_key, body_hash)
+    SELECT r.request_id, r.user_id, COALESCE(r.customer_id, u.id), r.outcome, r.idempotency_key, r.body_hash
+    FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::text[], $25::text[])
+         AS r (request_id, user_id, customer_id, outcome, idempotency_key, body_hash)
+    LEFT JOIN upserted AS u ON u.user_id = r.user_id AND r.outcome <> 'phone_taken'
+    ON CONFLICT (request_id) DO NOTHING
 )
-SELECT user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-       room_type, room_tags::jsonb, move_in_date, lease_period, price_range, source_channel, creator,
-       internal_notes, field_stamps::jsonb
-FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::smallint[],
-    $9::text[], $10::text[], $11::text[], $12::text[], $13::date[], $14::integer[], $15::text[],
-    $16::text[], $17::text[], $18::text[], $19::text[]
-) AS incoming (
-    user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-    room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator, internal_notes,
-    field_stamps
-)
-ON CONFLICT (user_id) DO UPDATE SET
-    bot_id = EXCLUDED.bot_id,
-    nickname = EXCLUDED.nickname,
-    name = EXCLUDED.name,
-    phone = EXCLUDED.phone,
-    backup_phone = EXCLUDED.backup_phone,
-    wechat = EXCLUDED.wechat,
-    status = EXCLUDED.status,
-    community = EXCLUDED.community,
-    business_type = EXCLUDED.business_type,
-    room_type = EXCLUDED.room_type,
-    room_tags = EXCLUDED.room_tags,
-    move_in_date = EXCLUDED.move_in_date,
-    lease_period = EXCLUDED.lease_period,
-    price_range = EXCLUDED.price_range,
-    source_channel = EXCLUDED.source_channel,
-    creator = EXCLUDED.creator,
-    internal_notes = EXCLUDED.internal_notes,
-    field_stamps = EXCLUDED.field_stamps,
-    updated_at = now()
-RETURNING id, user_id
-"""
-
-INSERT_PROCESSED = """
-INSERT INTO processed_requests (request_id, user_id, customer_id, outcome, idempotency_key, body_hash)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
-ON CONFLICT (request_id) DO NOTHING
+SELECT id, user_id FROM upserted
 """
 
 DELETE_EXPIRED_PROCESSED = """
@@ -153,21 +159,28 @@ async def apply_batch(
     """Apply ``requests`` in one transaction; return one outcome per request, in input order."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     user_ids = sorted({r.envelope.user_id for r in requests})
-    request_ids = [r.envelope.request_id for r in requests]
     keys = sorted({r.envelope.idempotency_key for r in requests if r.envelope.idempotency_key})
     phones = sorted({r.customer.phone for r in requests if r.customer.phone})
+    request_ids = [r.envelope.request_id for r in requests]
 
     async with conn.transaction():
         await conn.execute(LOCK_USERS, user_ids)
+        states: dict[str, CustomerState] = {}
+        phone_owner: dict[str, str] = {}
+        batch_users = set(user_ids)
+        for row in await conn.fetch(SELECT_CUSTOMERS_AND_PHONE_OWNERS, user_ids, phones):
+            if row["user_id"] in batch_users:
+                states[row["user_id"]] = _state_from_row(row)
+            if row["phone"] is not None:
+                phone_owner[row["phone"]] = row["user_id"]
+        # Always asked, not only for redelivered messages: a duplicate can also come from a replay whose ack
+        # was lost, or from messages moved by hand.
         processed = {row["request_id"]: row for row in await conn.fetch(SELECT_PROCESSED, request_ids)}
         by_key: dict[str, dict[str, Any]] = {}
         if keys:
             await conn.execute(EXPIRE_IDEMPOTENCY_KEYS, keys, idempotency_window.total_seconds())
-            by_key = {row["idempotency_key"]: dict(row) for row in await conn.fetch(SELECT_IDEMPOTENCY_KEYS, keys)}
-        states = {row["user_id"]: _state_from_row(row) for row in await conn.fetch(SELECT_CUSTOMERS, user_ids)}
-        phone_owner: dict[str, str] = {}
-        if phones:
-            phone_owner = {row["phone"]: row["user_id"] for row in await conn.fetch(SELECT_PHONE_OWNERS, phones)}
+            rows = await conn.fetch(SELECT_IDEMPOTENCY_KEYS, keys)
+            by_key = {row["idempotency_key"]: dict(row) for row in rows}
 
         # Requests whose outcome must be recorded, with the state their customer id comes from.
         recorded: list[tuple[int, CustomerState | None]] = []
@@ -218,46 +231,39 @@ async def apply_batch(
                     phone_owner[state.values["phone"]] = envelope.user_id
             outcomes[index] = Outcome(
                 request_id=envelope.request_id, user_id=envelope.user_id, status=status,
+                id=state.id if state is not None else None,
                 error="手机号已存在，已被其他客户使用" if status == "phone_taken" else None,
             )
             recorded.append((index, state))
             if key is not None:
                 by_key[key] = {
                     "body_hash": envelope.body_hash, "user_id": envelope.user_id,
-                    "customer_id": None, "outcome": status, "pending_index": index,
+                    "customer_id": None, "outcome": status,
                 }
 
-        dirty = [state for state in states.values() if state.dirty]
-        if dirty:
+        if recorded:
+            dirty = [state for state in states.values() if state.dirty]
             columns: list[list[Any]] = [[s.user_id for s in dirty]]
             columns += [[_column_value(name, s.values[name]) for s in dirty] for name in FIELDS]
             columns.append([orjson.dumps(s.stamps).decode() for s in dirty])
-            for row in await conn.fetch(UPSERT_CUSTOMERS, *columns):
+            rows = [(requests[i].envelope, outcomes[i], state) for i, state in recorded]
+            columns += [
+                [e.request_id for e, _, _ in rows],
+                [e.user_id for e, _, _ in rows],
+                [state.id if state is not None else None for _, _, state in rows],
+                [o.status if o else None for _, o, _ in rows],
+                [e.idempotency_key for e, _, _ in rows],
+                [e.body_hash for e, _, _ in rows],
+            ]
+            for row in await conn.fetch(WRITE_BATCH, *columns):
                 states[row["user_id"]].id = row["id"]
 
-        for index, state in recorded:
-            outcome = outcomes[index]
-            assert outcome is not None
-            outcome.id = state.id if state is not None else None
-        # Same-key duplicates inside this batch copied their outcome before ids were known.
-        for index, request in enumerate(requests):
-            outcome = outcomes[index]
-            assert outcome is not None
-            if outcome.id is None and outcome.status in ("created", "updated"):
-                state = states.get(request.envelope.user_id)
-                outcome.id = state.id if state is not None else None
-
-        if recorded:
-            rows = [(requests[i].envelope, outcomes[i]) for i, _ in recorded]
-            await conn.execute(
-                INSERT_PROCESSED,
-                [e.request_id for e, _ in rows],
-                [e.user_id for e, _ in rows],
-                [o.id if o else None for _, o in rows],
-                [o.status if o else None for _, o in rows],
-                [e.idempotency_key for e, _ in rows],
-                [e.body_hash for e, _ in rows],
-            )
+    # New customers got their ids from the upsert; fill them into every created/updated outcome (including
+    # in-batch duplicates that copied an outcome before the ids were known).
+    for request, outcome in zip(requests, outcomes, strict=True):
+        assert outcome is not None
+        if outcome.id is None and outcome.status in ("created", "updated"):
+            outcome.id = states[request.envelope.user_id].id
     return [outcome for outcome in outcomes if outcome is not None]
 
 

@@ -36,6 +36,7 @@ class Worker:
         # Strong references: aio-pika only restores channels and consumers that are still alive.
         self.consume_channel: AbstractRobustChannel | None = None
         self.publish_channel: AbstractRobustChannel | None = None
+        self.reply_channel: AbstractRobustChannel | None = None
         self.queues: list[AbstractQueue] = []
         self.consumer_tags: list[str] = []
         self.consumer: Consumer | None = None
@@ -51,11 +52,13 @@ class Worker:
         self.connection = await aio_pika.connect_robust(settings.amqp_url, client_properties={
             "connection_name": "crm-worker"})
         self.publish_channel = await self.connection.channel(publisher_confirms=True)
+        self.reply_channel = await self.connection.channel(publisher_confirms=False)
         self.consume_channel = await self.connection.channel()
         assert self.consume_channel is not None and self.publish_channel is not None
+        assert self.reply_channel is not None
         await self.consume_channel.set_qos(prefetch_count=settings.worker_prefetch)
         _, self.queues = await self.topology.declare(self.consume_channel)
-        self.consumer = Consumer(settings, self.topology, self.pool, self.publish_channel)
+        self.consumer = Consumer(settings, self.topology, self.pool, self.publish_channel, self.reply_channel)
         self.tasks = [asyncio.create_task(self.consumer.run_applier()) for _ in range(settings.worker_concurrency)]
         self.tasks.append(asyncio.create_task(self._cleanup_loop()))
         for queue in self.queues:
