@@ -190,7 +190,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = Config.from_env()
     use_uvloop()
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, print=None)
+    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, print=None, backlog=1024)
 
 
 if __name__ == "__main__":

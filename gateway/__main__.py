@@ -23,6 +23,7 @@ def main() -> None:
         port=settings.port,
         shutdown_timeout=settings.shutdown_deadline,
         access_log=None,
+        backlog=1024,  # bursts of hundreds of new connections: the default 128 drops SYNs (1 s retries)
         print=None,
     )
 

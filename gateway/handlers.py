@@ -57,7 +57,8 @@ async def post_customer(request: web.Request) -> web.Response:
     customer = parse_customer(data)
     key = idempotency_key(request)
     payload = customer.wire()
-    envelope = RequestEnvelope(
+    # Built from validated parts, so constructed without a second validation (the worker validates it).
+    envelope = RequestEnvelope.model_construct(
         request_id=uuid.uuid4().hex,
         stamp=request.app[CLOCK].now(),
         user_id=customer.user_id,

@@ -231,12 +231,26 @@ class CustomerIn(BaseModel):
         }
 
     def wire(self) -> dict[str, Any]:
-        """The normalised request in wire names, JSON-ready (what travels in the envelope)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The normalised request in wire names, JSON-ready (what travels in the envelope).
+
+        Same result as ``model_dump(mode="json", by_alias=True, exclude_none=True)``, built directly: this
+        runs once per request on the gateway's hot path.
+        """
+        wire: dict[str, Any] = {}
+        for name, value in self.__dict__.items():
+            if value is None:
+                continue
+            if isinstance(value, dt.date):
+                value = value.isoformat()
+            wire[_WIRE_NAMES.get(name, name)] = value
+        return wire
+
+
+_WIRE_NAMES: Final = {"user_id": "userId", "bot_id": "botId"}
 
 
 def _wire_name(field_name: str) -> str:
-    return {"user_id": "userId", "bot_id": "botId"}.get(field_name, field_name)
+    return _WIRE_NAMES.get(field_name, field_name)
 
 
 _PYDANTIC_MESSAGES: Final = {

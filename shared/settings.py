@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(5.0, gt=0, description="seconds to wait for a publisher confirm before 503")
     body_limit: int = Field(64 * 1024, ge=1024, description="largest accepted request body, in bytes")
     max_pack_size: int = Field(64, ge=1, description="requests packed into one AMQP message at most")
+    publishes_in_flight: int = Field(2, ge=1, description="publishes per shard awaiting a confirm at once")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent with 503")
 
     # Worker

@@ -164,6 +164,8 @@ class Stack:
             HOST="127.0.0.1",
             PYTHONUNBUFFERED="1",
             LOG_LEVEL="INFO",
+            # Several shards in tests, whatever the default, so routing by userId is exercised.
+            SHARD_COUNT="8",
         )
         env.update(self.overrides)
         env.update({key.upper(): str(value) for key, value in overrides.items()})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -176,8 +177,11 @@ class Consumer:
 
     async def _apply_in_db(self, items: list[WorkItem]) -> list[Outcome]:
         window = dt.timedelta(hours=self.settings.idempotency_window_hours)
+        started = time.perf_counter()
         async with self.pool.acquire() as conn:
-            return await apply_batch(conn, [item.request for item in items if item.request], window)
+            outcomes = await apply_batch(conn, [item.request for item in items if item.request], window)
+        log.debug("applied %d requests in %.1f ms", len(items), (time.perf_counter() - started) * 1000)
+        return outcomes
 
     # ---- poison requests ----------------------------------------------------------------------------
 

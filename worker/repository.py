@@ -34,9 +34,27 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """On release: roll back a transaction left open, nothing more.
+
+    asyncpg's default reset (unlock advisory locks, CLOSE ALL, UNLISTEN, RESET ALL) costs a round trip per
+    batch; this worker holds no session state (its advisory locks are transaction-scoped).
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(database_url: str, size: int) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        database_url, min_size=1, max_size=size, init=init_connection, command_timeout=60
+        database_url,
+        min_size=1,
+        max_size=size,
+        init=init_connection,
+        reset=_reset_connection,
+        command_timeout=60,
+        # Plan every query for its actual arrays: a generic plan cached while the tables were small is a
+        # sequential scan, and stays one (measured: 3x slower batches on a table of 10,000 rows).
+        server_settings={"plan_cache_mode": "force_custom_plan"},
     )
     return pool
 
