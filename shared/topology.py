@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -62,13 +63,22 @@ class Topology:
         exchange = await self.declare_exchange(channel)
         queues = []
         for shard in range(self.shard_count):
-            queue = await channel.declare_queue(
-                self.shard_queue(shard), durable=True, arguments={"x-queue-type": self.queue_type}
-            )
+            queue = await channel.declare_queue(self.shard_queue(shard), durable=True, arguments=self.shard_arguments)
             await queue.bind(exchange, self.routing_key(shard))
             queues.append(queue)
         await self.declare_dead_letter_queue(channel)
         return exchange, queues
+
+    @property
+    def shard_arguments(self) -> dict[str, Any]:
+        # A safety net, not the normal path: RabbitMQ 4 gives quorum queues a default delivery limit (20), and a
+        # message redelivered more often (say, workers crash-looping on it) is dropped unless the queue has a
+        # dead-letter target. With this one it lands in the dead-letter queue, where the replay tool sees it.
+        return {
+            "x-queue-type": self.queue_type,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.dead_letter_queue,
+        }
 
     async def declare_dead_letter_queue(self, channel: AbstractChannel) -> aio_pika.abc.AbstractQueue:
         return await channel.declare_queue(

@@ -26,7 +26,7 @@ import asyncpg
 import orjson
 import pytest
 
-from shared.envelope import RequestEnvelope
+from shared.envelope import RequestEnvelope, encode_pack
 from shared.stamps import HybridClock
 from shared.topology import Topology, shard_for
 from tests.conftest import fetch_customer, post
@@ -545,3 +545,40 @@ async def test_unreachable_database_is_a_clear_error_and_touches_no_letter(
     assert "PostgreSQL" in result.stderr
     assert "Traceback" not in result.stderr
     assert [kept.request_id for kept in await dead_letters(cli_stack)] == [letter.request_id]
+
+
+async def test_pack_dead_lettered_by_the_broker_is_listed_and_replayed_whole(
+    poison_stack: Stack, db: asyncpg.Pool
+) -> None:
+    """A quorum queue's delivery limit dead-letters a whole pack (with x-death, none of our headers)."""
+    users = [unique_user("limit") for _ in range(2)]
+    envelopes = [envelope_for(user, name=f"limit {user}") for user in users]
+    topology = topology_of(poison_stack)
+    connection = await aio_pika.connect(poison_stack.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare_dead_letter_queue(channel)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                encode_pack(envelopes),
+                headers={"x-death": [{
+                    "reason": "delivery_limit", "count": 1, "exchange": topology.exchange,
+                    "queue": topology.shard_queue(0), "routing-keys": [topology.routing_key_for(users[0])],
+                }]},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=topology.dead_letter_queue,
+        )
+
+    listed = await replay_tool(poison_stack, "list", "--json", "--user-id", users[1])
+    assert listed.code == 0, listed
+    [item] = listed.json_lines()
+    assert "delivery_limit" in item["reason"]
+    assert item["requestIds"] == [e.request_id for e in envelopes]
+
+    result = await replay_tool(poison_stack, "replay", "--user-id", users[1])
+    assert result.code == 0, result
+    for user in users:
+        row = await wait_until(lambda user=user: fetch_customer(db, user))  # type: ignore[misc]
+        assert row is not None and row["name"] == f"limit {user}"
+    assert await dead_letters(poison_stack) == []

@@ -44,8 +44,11 @@ class Unreachable(Exception):
 
 @dataclass(eq=False)
 class DeadLetter:
+    """One message of the dead-letter queue: usually one request dead-lettered by a worker, or a whole pack
+    dead-lettered by the broker itself (a quorum queue's delivery limit, see ``shared.topology``)."""
+
     message: AbstractIncomingMessage
-    envelope: dict[str, Any] | None
+    envelopes: list[dict[str, Any]]
     headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -54,8 +57,20 @@ class DeadLetter:
             body = orjson.loads(message.body)
         except orjson.JSONDecodeError:
             body = None
-        envelope = body if isinstance(body, dict) and "request_id" in body else None
-        return cls(message, envelope, dict(message.headers or {}))
+        envelopes: list[dict[str, Any]] = []
+        if isinstance(body, dict) and "request_id" in body:
+            envelopes = [body]
+        elif isinstance(body, dict) and isinstance(body.get("requests"), list):
+            envelopes = [r for r in body["requests"] if isinstance(r, dict) and "request_id" in r]
+        return cls(message, envelopes, dict(message.headers or {}))
+
+    @property
+    def envelope(self) -> dict[str, Any] | None:
+        return self.envelopes[0] if self.envelopes else None
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [str(e.get("request_id")) for e in self.envelopes]
 
     @property
     def request_id(self) -> str | None:
@@ -68,13 +83,34 @@ class DeadLetter:
         return str(value) if value is not None else None
 
     @property
+    def _x_death(self) -> dict[str, Any]:
+        deaths = self.headers.get("x-death")
+        return deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+
+    @property
     def reason(self) -> str:
-        return str(self.headers.get(dl.H_ERROR, ""))
+        if dl.H_ERROR in self.headers:
+            return str(self.headers[dl.H_ERROR])
+        if self._x_death:
+            return f"dead-lettered by the broker: {self._x_death.get('reason', 'unknown')}"
+        return ""
+
+    @property
+    def routing_key(self) -> str | None:
+        value = self.headers.get(dl.H_ROUTING_KEY)
+        if value is None:
+            keys = self._x_death.get("routing-keys")
+            value = keys[0] if isinstance(keys, list) and keys else None
+        return str(value) if value is not None else None
 
     def matches(self, args: argparse.Namespace) -> bool:
-        if getattr(args, "user_id", None) is not None and self.user_id != args.user_id:
+        user_id = getattr(args, "user_id", None)
+        if user_id is not None and user_id not in {str(e.get("user_id")) for e in self.envelopes} | {
+            self.user_id
+        }:
             return False
-        if getattr(args, "request_id", None) is not None and self.request_id != args.request_id:
+        request_id = getattr(args, "request_id", None)
+        if request_id is not None and request_id not in [*self.request_ids, self.request_id]:
             return False
         if getattr(args, "reason", None) is not None:
             needle = args.reason.lower()
@@ -96,9 +132,10 @@ class DeadLetter:
             "firstFailureAt": self.headers.get(dl.H_FIRST_FAILURE),
             "lastFailureAt": self.headers.get(dl.H_LAST_FAILURE),
             "deadAt": self.headers.get(dl.H_DEAD_AT),
-            "routingKey": self.headers.get(dl.H_ROUTING_KEY),
+            "routingKey": self.routing_key,
             "replayed": bool((self.envelope or {}).get("replayed") or self.headers.get(dl.H_REPLAYED)),
             "payload": payload if self.envelope is not None else None,
+            **({"requestIds": self.request_ids} if len(self.envelopes) > 1 else {}),
         }
 
 
@@ -145,15 +182,16 @@ class DeadLetterQueue:
 
     async def republish(self, letter: DeadLetter, force: bool, clock: HybridClock) -> str:
         """Put one dead letter back on its shard (confirmed), then remove it from the dead-letter queue."""
-        assert self.channel is not None and letter.envelope is not None
-        envelope = dict(letter.envelope, replayed=True)
+        assert self.channel is not None and letter.envelopes
+        envelopes = [dict(envelope, replayed=True) for envelope in letter.envelopes]
         if force:
-            envelope["stamp"] = clock.now()
-        routing_key = str(letter.headers.get(dl.H_ROUTING_KEY) or self.topology.routing_key_for(str(letter.user_id)))
+            for envelope in envelopes:
+                envelope["stamp"] = clock.now()
+        routing_key = letter.routing_key or self.topology.routing_key_for(str(letter.user_id))
         exchange = await self.topology.declare_exchange(self.channel)
         await exchange.publish(
             aio_pika.Message(
-                orjson.dumps({"v": 1, "requests": [envelope]}),
+                orjson.dumps({"v": 1, "requests": envelopes}),
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=letter.request_id,
@@ -230,7 +268,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         letters = await dlq.fetch_all()
         chosen = [letter for letter in letters if args.all or letter.matches(args)]
         for letter in chosen:
-            if letter.envelope is None:
+            if not letter.envelopes:
                 print(f"skip  {letter.request_id or '-'}: not a request envelope (use drop)")
                 skipped += 1
                 continue
@@ -239,7 +277,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                       f"{' with a fresh stamp' if args.force else ''}")
                 continue
             routing_key = await dlq.republish(letter, args.force, clock)
-            done.append(str(letter.request_id))
+            done.extend(letter.request_ids)
             print(f"replayed {letter.request_id} user={letter.user_id} -> {routing_key}")
     kept = len(letters) - len(done)
     verb = "would replay" if args.dry_run else "replayed"
