@@ -20,7 +20,6 @@ FIELDS: tuple[str, ...] = (
     "business_type", "room_type", "room_tags", "move_in_date", "lease_period", "price_range",
     "source_channel", "creator", "internal_notes",
 )
-JSON_FIELDS: frozenset[str] = frozenset({"room_tags"})
 
 
 @dataclass
