@@ -34,8 +34,22 @@ pytestmark = [
 ACCEPTED = {200, 201, 202}
 
 
+class Progress:
+    """Counts answers; ``reached`` is set once a given share of all requests has been answered."""
+
+    def __init__(self, total: int, share: float) -> None:
+        self.threshold = int(total * share)
+        self.answered = 0
+        self.reached = asyncio.Event()
+
+    def tick(self) -> None:
+        self.answered += 1
+        if self.answered >= self.threshold:
+            self.reached.set()
+
+
 async def run_clients(
-    url: str, users: list[str], per_user: int, connections: int = 100
+    url: str, users: list[str], per_user: int, connections: int = 100, progress: Progress | None = None
 ) -> dict[str, list[tuple[int, dict[str, Any]]]]:
     """Each user is one client sending ``per_user`` requests in sequence (waiting for each answer)."""
     answers: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
@@ -49,6 +63,8 @@ async def run_clients(
                 if i == 0:
                     body["phone"] = phone
                 answers[user].append(await post(http, url, body))
+                if progress is not None:
+                    progress.tick()
 
         await asyncio.gather(*(client(user) for user in users))
     return answers
@@ -96,20 +112,27 @@ async def test_worker_killed_mid_burst_loses_nothing(make_stack: Callable[..., S
     stack.start_worker()
     gateway = stack.start_gateway()
     users = [unique_user("kill") for _ in range(200)]
+    per_user = 25
+    progress = Progress(len(users) * per_user, share=0.3)
 
-    async def kill_then_replace() -> None:
-        await asyncio.sleep(1.0)
+    async def kill_then_replace() -> int:
+        await progress.reached.wait()  # mid-burst: 30 % answered, the rest in flight or still to come
         victim.kill()
+        answered_at_kill = progress.answered
         await asyncio.to_thread(stack.start_worker)
+        return answered_at_kill
 
-    answers, _ = await asyncio.gather(
-        run_clients(f"{gateway.url}/api/external/customers", users, per_user=8), kill_then_replace()
+    answers, answered_at_kill = await asyncio.gather(
+        run_clients(f"{gateway.url}/api/external/customers", users, per_user, progress=progress),
+        kill_then_replace(),
     )
     assert not victim.alive()
+    assert answered_at_kill < len(users) * per_user * 0.9, "the kill came too late to be mid-burst"
     assert_truthful_answers(answers)
-    assert await wait_for(lambda: rows_with_last_value(db, users, "v7"), 60) == len(users)
+    last = f"v{per_user - 1}"
+    assert await wait_for(lambda: rows_with_last_value(db, users, last), 60) == len(users)
     applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
-    assert applied == len(users) * 8  # every request applied exactly once
+    assert applied == len(users) * per_user  # every request applied exactly once
     assert await db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users) == len(users)
 
 
@@ -120,23 +143,26 @@ async def test_worker_sigterm_drains_in_flight_and_exits(
     worker = stack.start_worker()
     gateway = stack.start_gateway()
     users = [unique_user("term") for _ in range(150)]
+    per_user = 25
+    progress = Progress(len(users) * per_user, share=0.3)
 
     async def terminate_then_replace() -> int:
-        await asyncio.sleep(1.0)
+        await progress.reached.wait()  # mid-burst
         code = await asyncio.to_thread(worker.terminate, 60)
         await asyncio.to_thread(stack.start_worker)
         return code
 
     answers, exit_code = await asyncio.gather(
-        run_clients(f"{gateway.url}/api/external/customers", users, per_user=6), terminate_then_replace()
+        run_clients(f"{gateway.url}/api/external/customers", users, per_user, progress=progress),
+        terminate_then_replace(),
     )
     assert exit_code == 0, worker.output()
     log = worker.output()
     assert "worker stopped" in log and "drain deadline reached" not in log
     assert_truthful_answers(answers)
-    assert await wait_for(lambda: rows_with_last_value(db, users, "v5"), 60) == len(users)
+    assert await wait_for(lambda: rows_with_last_value(db, users, f"v{per_user - 1}"), 60) == len(users)
     applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
-    assert applied == len(users) * 6
+    assert applied == len(users) * per_user
 
 
 async def test_gateway_sigterm_answers_in_flight_requests_then_exits(
