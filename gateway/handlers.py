@@ -8,6 +8,8 @@ import uuid
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
 from gateway.keys import CLOCK, RPC, SETTINGS
@@ -31,7 +33,10 @@ async def read_json_body(request: web.Request, limit: int) -> object:
         raise UnsupportedMediaType("Content-Type必须为application/json")
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"请求体不能超过{limit}字节")
-    raw = await request.read()  # aiohttp enforces client_max_size (= limit) for chunked bodies
+    try:
+        raw = await request.read()  # aiohttp enforces client_max_size (= limit) for chunked bodies
+    except (RequestPayloadError, HttpProcessingError):  # truncated body, bad Content-Encoding...
+        raise RequestInvalid("请求体无法读取（内容不完整或编码错误）") from None
     if not raw.strip():
         raise RequestInvalid("请求体不能为空")
     try:

@@ -111,13 +111,18 @@ class RpcClient:
             self._flush_tasks.add(task)
             task.add_done_callback(self._flush_tasks.discard)
         try:
-            await confirmed  # settles within PUBLISH_TIMEOUT: every publish carries that timeout
-        except ServiceUnavailable:
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await asyncio.shield(confirmed)
+        except BaseException as exc:
             self.pending.pop(envelope.request_id, None)
-            raise
-        except asyncio.CancelledError:  # the client went away; the request may still be applied
-            self.pending.pop(envelope.request_id, None)
-            raise
+            if isinstance(exc, ServiceUnavailable | asyncio.CancelledError):
+                raise
+            # No confirm in time. Still queued here: never sent, withdraw it, so the 503 is the whole truth.
+            # Already sent: the broker may yet have it (see README: retry with the same Idempotency-Key).
+            item = (envelope, confirmed)
+            if item in shard.queued:
+                shard.queued.remove(item)
+            raise ServiceUnavailable(BROKER_DOWN) from exc
         return outcome
 
     def forget(self, request_id: str) -> None:

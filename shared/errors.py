@@ -108,7 +108,6 @@ _TRANSIENT_PG = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.LockNotAvailableError,
-    asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.UniqueViolationError,
 )
@@ -118,8 +117,10 @@ def is_transient(exc: BaseException) -> bool:
     """True when a database/network failure is worth retrying without limit."""
     if isinstance(exc, (RetryableError, *_TRANSIENT_PG)):
         return True
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | asyncpg.exceptions.DataError):
+        return False  # a statement timeout or a value asyncpg cannot encode: the batch's doing
     if isinstance(exc, asyncpg.exceptions.InterfaceError | asyncpg.exceptions.InternalClientError):
-        return True
+        return True  # connection closed or reset under us
     if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
         return True
     if isinstance(exc, asyncpg.PostgresError):

@@ -299,3 +299,13 @@ async def test_hostile_input_is_a_400_never_a_500(http: aiohttp.ClientSession, a
     status, answer = await post(http, api, raw=raw)
     assert_error_shape(status, answer, 400)
     assert answer["message"] == VALIDATION
+
+
+async def test_body_with_a_broken_content_encoding_is_400_not_500(
+    http: aiohttp.ClientSession, api: str
+) -> None:
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with http.post(api, data=b"this is not gzip", headers=headers) as response:
+        body = await response.json(content_type=None)
+        assert response.status == 400, body
+    assert body["success"] is False and body["message"] == "请求数据验证失败"

@@ -35,7 +35,7 @@ from worker.deadletter import dead_letter_message
 
 MAX_ATTEMPTS = 3
 FAST_RETRIES: dict[str, Any] = {"MAX_ATTEMPTS": MAX_ATTEMPTS, "RETRY_BASE_DELAY": 0.2, "RETRY_MAX_DELAY": 1}
-SHARDS = 8  # the stacks run with the default shard count
+SHARDS = 8  # the test stacks run with 8 shards (tests/support.py)
 UNREACHABLE_AMQP = "amqp://guest:guest@127.0.0.1:1/"
 
 
@@ -582,3 +582,50 @@ async def test_pack_dead_lettered_by_the_broker_is_listed_and_replayed_whole(
         row = await wait_until(lambda user=user: fetch_customer(db, user))  # type: ignore[misc]
         assert row is not None and row["name"] == f"limit {user}"
     assert await dead_letters(poison_stack) == []
+
+
+async def test_request_that_always_violates_a_unique_constraint_is_dead_lettered_and_blocks_nothing(
+    poison_stack: Stack, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """A unique violation is a retryable race only until the database says it again and again."""
+    marker = f"uniq_{uuid.uuid4().hex[:8]}"
+    index = f"customers_{marker}"
+    await db.execute(f"CREATE UNIQUE INDEX {index} ON customers (wechat) WHERE wechat LIKE '{marker}%'")
+    try:
+        first, second = unique_user("uniq"), unique_user("uniq")
+        status, _ = await post(http, api_of(poison_stack), {"userId": first, "wechat": f"{marker}_w"})
+        assert status == 201
+        started = time.monotonic()
+        status, body = await post(http, api_of(poison_stack), {"userId": second, "wechat": f"{marker}_w"})
+        assert status == 500, body
+        assert_error_shape(body)
+        assert time.monotonic() - started < 10
+        [letter] = [letter for letter in await dead_letters(poison_stack) if letter.user_id == second]
+        assert "UniqueViolation" in letter.headers["x-exception"]
+        status, _ = await post(http, api_of(poison_stack), {"userId": unique_user("uniq"), "name": "after"})
+        assert status == 201  # the worker is not stuck on it
+    finally:
+        await db.execute(f"DROP INDEX IF EXISTS {index}")
+
+
+async def test_replay_routes_by_user_id_even_if_the_recorded_shard_is_gone(
+    poison_stack: Stack, db: asyncpg.Pool
+) -> None:
+    user = unique_user("reroute")
+    envelope = envelope_for(user, name="rerouted")
+    now = dt.datetime.now(dt.UTC)
+    connection = await aio_pika.connect(poison_stack.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology_of(poison_stack).declare_dead_letter_queue(channel)
+        message = dead_letter_message(
+            envelope.to_json(), error=RuntimeError("old"), attempts=MAX_ATTEMPTS, first_failure=now,
+            last_failure=now, routing_key="shard.99", request_id=envelope.request_id, user_id=user,
+        )
+        await channel.default_exchange.publish(message, routing_key=topology_of(poison_stack).dead_letter_queue)
+
+    result = await replay_tool(poison_stack, "replay", "--request-id", envelope.request_id)
+    assert result.code == 0, result
+    row = await wait_until(lambda: fetch_customer(db, user))
+    assert row is not None and row["name"] == "rerouted"
+    assert [letter for letter in await dead_letters(poison_stack) if letter.user_id == user] == []

@@ -75,6 +75,16 @@ class WorkItem:
         return value if isinstance(value, str) else None
 
 
+# Whole-batch retries of a transient error before checking whether the database itself is fine.
+SUSPECT_BATCH_AFTER = 3
+# Quick retries of a lone request that hit a conflict (unique violation, deadlock) before it counts as failing.
+RACE_RETRIES = 3
+
+
+def _stamp(item: WorkItem) -> int:
+    return item.request.envelope.stamp if item.request is not None else 0
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff: base, 2*base, 4*base... never above cap (attempt counts from 1)."""
     return float(min(cap, base * (2 ** max(0, attempt - 1))))
@@ -148,32 +158,52 @@ class Consumer:
                 self.inbox.batch_done()
 
     async def _apply_items(self, items: list[WorkItem]) -> None:
+        """Apply ``items`` in one transaction, or find out which of them is the problem.
+
+        A transient error while the database is down is retried on the whole batch for as long as it takes.
+        When the database answers but the batch keeps failing, the batch is split (in stamp order) and each
+        request is applied alone; a lone request that keeps failing goes to the bounded retries that end in
+        the dead-letter queue.
+        """
         attempt = 0
         while True:
             try:
                 outcomes = await self._apply_in_db(items)
             except Exception as exc:
+                attempt += 1
                 if is_transient(exc) and not isinstance(exc, _SPLIT_ON):
-                    attempt += 1
-                    delay = backoff(attempt, self.settings.retry_base_delay, self.settings.retry_max_delay)
-                    log.warning("transient database error (%s), retrying %d requests in %.1fs",
-                                exc.__class__.__name__, len(items), delay)
-                    await asyncio.sleep(delay)
-                    continue
+                    environment_broken = attempt < SUSPECT_BATCH_AFTER or not await self._database_answers()
+                    if environment_broken:
+                        delay = backoff(attempt, self.settings.retry_base_delay, self.settings.retry_max_delay)
+                        log.warning("transient database error (%s: %s); retrying %d requests in %.1fs",
+                                    exc.__class__.__name__, exc, len(items), delay)
+                        await asyncio.sleep(delay)
+                        continue
                 if len(items) > 1:
                     log.warning("batch of %d failed (%s: %s); applying one by one",
                                 len(items), exc.__class__.__name__, exc)
-                    for item in items:
+                    for item in sorted(items, key=_stamp):
                         await self._apply_items([item])
                     return
-                if is_transient(exc):  # a lone request lost a race: the retry sees the winner's row
-                    attempt += 1
-                    await asyncio.sleep(backoff(attempt, 0.05, self.settings.retry_max_delay))
+                if isinstance(exc, _SPLIT_ON) and attempt < RACE_RETRIES:
+                    # Most likely a race lost to another worker: the retry sees the winner's row and decides.
+                    log.info("request %s: %s, retrying", items[0].request_id, exc.__class__.__name__)
+                    await asyncio.sleep(backoff(attempt, 0.05, 1.0))
                     continue
                 self._schedule_retry(items[0], exc)
                 return
             await self._settle(items, outcomes)
             return
+
+    async def _database_answers(self) -> bool:
+        """True when Postgres answers a trivial query: then a failing batch is the batch's fault."""
+        try:
+            async with asyncio.timeout(5):
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            return True
+        except Exception:
+            return False
 
     async def _apply_in_db(self, items: list[WorkItem]) -> list[Outcome]:
         window = dt.timedelta(hours=self.settings.idempotency_window_hours)

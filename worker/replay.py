@@ -165,7 +165,8 @@ class DeadLetterQueue:
             self.connection = await asyncio.wait_for(aio_pika.connect(self.settings.amqp_url), timeout=15)
         except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
             raise Unreachable(f"cannot connect to RabbitMQ ({_safe_url(self.settings.amqp_url)}): {exc}") from exc
-        self.channel = await self.connection.channel(publisher_confirms=True)
+        # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -187,7 +188,8 @@ class DeadLetterQueue:
         if force:
             for envelope in envelopes:
                 envelope["stamp"] = clock.now()
-        routing_key = letter.routing_key or self.topology.routing_key_for(str(letter.user_id))
+        # Routed again by userId with today's SHARD_COUNT: the recorded key may name a shard that is gone.
+        routing_key = self.topology.routing_key_for(str(letter.envelopes[0].get("user_id")))
         exchange = await self.topology.declare_exchange(self.channel)
         await exchange.publish(
             aio_pika.Message(
@@ -263,7 +265,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         await check_database(settings)
     clock = HybridClock()
     done: list[str] = []
-    skipped = 0
+    skipped = failed = 0
     async with DeadLetterQueue(settings) as dlq:
         letters = await dlq.fetch_all()
         chosen = [letter for letter in letters if args.all or letter.matches(args)]
@@ -276,7 +278,13 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"would replay {letter.request_id} user={letter.user_id}"
                       f"{' with a fresh stamp' if args.force else ''}")
                 continue
-            routing_key = await dlq.republish(letter, args.force, clock)
+            try:
+                routing_key = await dlq.republish(letter, args.force, clock)
+            except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError) as exc:
+                print(f"error: {letter.request_id} not replayed ({exc}); it stays in the dead-letter queue",
+                      file=sys.stderr)
+                failed += 1
+                continue
             done.extend(letter.request_ids)
             print(f"replayed {letter.request_id} user={letter.user_id} -> {routing_key}")
     kept = len(letters) - len(done)
@@ -285,8 +293,8 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{verb} {count}, skipped {skipped}, left in the dead-letter queue {kept}")
     if not args.dry_run and (done or chosen):
         await record_audit(settings, args.actor, "replay", _filters(args), done,
-                           f"replayed {len(done)}, skipped {skipped}")
-    return EXIT_OK
+                           f"replayed {len(done)}, skipped {skipped}, failed {failed}")
+    return EXIT_UNREACHABLE if failed else EXIT_OK
 
 
 async def cmd_drop(settings: Settings, args: argparse.Namespace) -> int:

@@ -51,7 +51,8 @@ class Worker:
             await conn.fetchval("SELECT 1 FROM customers LIMIT 1")
         self.connection = await aio_pika.connect_robust(settings.amqp_url, client_properties={
             "connection_name": "crm-worker"})
-        self.publish_channel = await self.connection.channel(publisher_confirms=True)
+        # Dead letters: confirmed, and an unroutable one raises (so its pack is not acked).
+        self.publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self.reply_channel = await self.connection.channel(publisher_confirms=False)
         self.consume_channel = await self.connection.channel()
         assert self.consume_channel is not None and self.publish_channel is not None
