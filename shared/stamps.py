@@ -2,8 +2,9 @@
 
 A stamp is an int: microseconds since the Unix epoch, bumped by one whenever the wall clock has not moved
 (or went backwards) since the last stamp. Within one gateway process stamps are strictly increasing, so
-they record the order in which the gateway received requests. ``observe`` folds in stamps seen elsewhere
-(replies from workers) so a gateway never issues a stamp older than one it has seen.
+they record the order in which the gateway received requests. ``observe`` folds in a stamp learned
+elsewhere, so the clock never issues one at or below it. Across processes, order follows the wall clocks
+(see README, "How ordering works").
 """
 
 from __future__ import annotations
