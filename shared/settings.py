@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,8 +43,15 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(0.5, ge=0, description="first backoff for a failing request, seconds")
     retry_max_delay: float = Field(10.0, ge=0, description="backoff cap, seconds")
     shutdown_deadline: float = Field(20.0, ge=0, description="seconds SIGTERM waits for in-flight work")
-    processed_retention_hours: float = Field(168.0, gt=0, description="how long processed request ids are kept")
+    processed_retention_hours: float = Field(48.0, gt=0, description="how long processed request ids are kept")
     idempotency_window_hours: float = Field(24.0, gt=0, description="how long an Idempotency-Key is honoured")
     migrate_on_start: bool = True
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _retention_covers_idempotency(self) -> Settings:
+        # An Idempotency-Key is looked up in processed_requests: rows must outlive the key's window.
+        if self.processed_retention_hours < self.idempotency_window_hours:
+            raise ValueError("PROCESSED_RETENTION_HOURS must be at least IDEMPOTENCY_WINDOW_HOURS")
+        return self

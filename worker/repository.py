@@ -149,9 +149,16 @@ recorded AS (
 SELECT id, user_id FROM upserted
 """
 
+# In chunks, so the cleanup never holds a long transaction or bloats WAL in one go.
 DELETE_EXPIRED_PROCESSED = """
-DELETE FROM processed_requests WHERE processed_at < now() - make_interval(secs => $1)
+DELETE FROM processed_requests
+WHERE request_id IN (
+    SELECT request_id FROM processed_requests
+    WHERE processed_at < now() - make_interval(secs => $1)
+    LIMIT $2
+)
 """
+CLEANUP_CHUNK = 10_000
 
 
 def _state_from_row(row: asyncpg.Record) -> CustomerState:
@@ -282,6 +289,11 @@ async def apply_batch(
 
 
 async def delete_expired_processed(conn: asyncpg.Connection, retention: dt.timedelta) -> int:
-    """Forget processed request ids older than the retention period; return how many."""
-    result: str = await conn.execute(DELETE_EXPIRED_PROCESSED, retention.total_seconds())
-    return int(result.split()[-1])
+    """Forget processed request ids older than the retention period, in chunks; return how many."""
+    total = 0
+    while True:
+        result: str = await conn.execute(DELETE_EXPIRED_PROCESSED, retention.total_seconds(), CLEANUP_CHUNK)
+        deleted = int(result.split()[-1])
+        total += deleted
+        if deleted < CLEANUP_CHUNK:
+            return total
