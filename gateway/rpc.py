@@ -122,6 +122,7 @@ class RpcClient:
             item = (envelope, confirmed)
             if item in shard.queued:
                 shard.queued.remove(item)
+            confirmed.cancel()  # nobody waits for it any more
             raise ServiceUnavailable(BROKER_DOWN) from exc
         return outcome
 

@@ -16,7 +16,6 @@ class Inbox:
     def __init__(self) -> None:
         self._items: deque[Any] = deque()
         self._ready = asyncio.Event()
-        self._busy = 0
 
     def put(self, item: Any) -> None:
         self._items.append(item)
@@ -31,11 +30,7 @@ class Inbox:
         batch = [self._items.popleft() for _ in range(count)]
         if not self._items:
             self._ready.clear()
-        self._busy += 1
         return batch
-
-    def batch_done(self) -> None:
-        self._busy -= 1
 
     def __len__(self) -> int:
         return len(self._items)

@@ -154,8 +154,6 @@ class Consumer:
                 await self._apply_items(items)
             except Exception:  # a bug, not a message problem: keep the loop alive, leave them unacked
                 log.exception("applier failed on %d requests; they stay unacked until redelivery", len(items))
-            finally:
-                self.inbox.batch_done()
 
     async def _apply_items(self, items: list[WorkItem]) -> None:
         """Apply ``items`` in one transaction, or find out which of them is the problem.
