@@ -8,7 +8,8 @@ from aiohttp import web
 
 from gateway.errors import error_middleware
 from gateway.handlers import health, post_customer
-from gateway.keys import CLOCK, RPC, SETTINGS
+from gateway.inflight import InFlight, track_in_flight
+from gateway.keys import CLOCK, IN_FLIGHT, RPC, SETTINGS
 from gateway.rpc import RpcClient
 from shared.settings import Settings
 from shared.stamps import HybridClock
@@ -24,8 +25,9 @@ async def _rpc_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.body_limit, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.body_limit, middlewares=[track_in_flight, error_middleware])
     app[SETTINGS] = settings
+    app[IN_FLIGHT] = InFlight()
     app[CLOCK] = HybridClock()
     app.cleanup_ctx.append(_rpc_ctx)
     app.router.add_post("/api/external/customers", post_customer)

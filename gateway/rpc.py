@@ -35,9 +35,16 @@ log = logging.getLogger("gateway.rpc")
 BROKER_DOWN = "消息队列暂不可用"
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    envelope: RequestEnvelope
+    confirmed: asyncio.Future[None]
+    deadline: float  # loop time after which an unsent request is withdrawn (503)
+
+
 @dataclass(eq=False)
 class _Shard:
-    queued: list[tuple[RequestEnvelope, asyncio.Future[None]]] = field(default_factory=list)
+    queued: list[_Queued] = field(default_factory=list)
     publishing: int = 0  # publishes of this shard awaiting their confirm
 
 
@@ -54,6 +61,7 @@ class RpcClient:
         self.pending: dict[str, asyncio.Future[Outcome]] = {}
         self._shards = [_Shard() for _ in range(settings.shard_count)]
         self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -71,9 +79,12 @@ class RpcClient:
             self.topology.reply_queue(self.instance), exclusive=True, auto_delete=True
         )
         await self.reply_queue.consume(self._on_reply, no_ack=True)
+        self._sweeper = asyncio.create_task(self._withdraw_expired())
         log.info("gateway %s connected; replies on %s", self.instance, self.reply_queue.name)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._flush_tasks:
             await asyncio.gather(*self._flush_tasks, return_exceptions=True)
         if self.connection is not None:
@@ -104,26 +115,19 @@ class RpcClient:
         self.pending[envelope.request_id] = outcome
         shard_index = shard_for(envelope.user_id, self.settings.shard_count)
         shard = self._shards[shard_index]
-        shard.queued.append((envelope, confirmed))
+        shard.queued.append(_Queued(envelope, confirmed, loop.time() + self.settings.publish_timeout))
         if shard.publishing < self.settings.publishes_in_flight:
             shard.publishing += 1
             task = asyncio.create_task(self._flush(shard_index))
             self._flush_tasks.add(task)
             task.add_done_callback(self._flush_tasks.discard)
+        # Settles within PUBLISH_TIMEOUT: every publish carries that timeout, and a request still queued at its
+        # deadline is withdrawn by _withdraw_expired (one timer for all requests, not one each).
         try:
-            async with asyncio.timeout(self.settings.publish_timeout):
-                await asyncio.shield(confirmed)
-        except BaseException as exc:
+            await confirmed
+        except BaseException:
             self.pending.pop(envelope.request_id, None)
-            if isinstance(exc, ServiceUnavailable | asyncio.CancelledError):
-                raise
-            # No confirm in time. Still queued here: never sent, withdraw it, so the 503 is the whole truth.
-            # Already sent: the broker may yet have it (see README: retry with the same Idempotency-Key).
-            item = (envelope, confirmed)
-            if item in shard.queued:
-                shard.queued.remove(item)
-            confirmed.cancel()  # nobody waits for it any more
-            raise ServiceUnavailable(BROKER_DOWN) from exc
+            raise
         return outcome
 
     def forget(self, request_id: str) -> None:
@@ -137,18 +141,33 @@ class RpcClient:
                 batch = shard.queued[: self.settings.max_pack_size]
                 del shard.queued[: len(batch)]
                 try:
-                    await self._publish_pack(shard_index, [envelope for envelope, _ in batch])
+                    await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
+                    # Sent or not, unconfirmed: 503 (README: retry with the same Idempotency-Key).
                     log.warning("publish of %d requests failed: %s", len(batch), exc)
-                    for _, confirmed in batch:
-                        if not confirmed.done():
-                            confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
+                    for item in batch:
+                        if not item.confirmed.done():
+                            item.confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
                 else:
-                    for _, confirmed in batch:
-                        if not confirmed.done():
-                            confirmed.set_result(None)
+                    for item in batch:
+                        if not item.confirmed.done():
+                            item.confirmed.set_result(None)
         finally:
             shard.publishing -= 1
+
+    async def _withdraw_expired(self) -> None:
+        """Answer 503 for requests still waiting to be sent at their deadline; they are never sent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for shard in self._shards:
+                if shard.queued and shard.queued[0].deadline <= now:
+                    expired = [item for item in shard.queued if item.deadline <= now]
+                    shard.queued = [item for item in shard.queued if item.deadline > now]
+                    for item in expired:
+                        if not item.confirmed.done():
+                            item.confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
 
     async def _publish_pack(self, shard_index: int, envelopes: list[RequestEnvelope]) -> None:
         assert self.exchange is not None and self.reply_queue is not None

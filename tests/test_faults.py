@@ -71,6 +71,7 @@ async def run_clients(
 
 
 async def wait_for(predicate: Callable[[], Any], within: float, interval: float = 0.3) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``within`` seconds pass."""
     deadline = time.monotonic() + within
     while True:
         result = await predicate()
@@ -79,11 +80,12 @@ async def wait_for(predicate: Callable[[], Any], within: float, interval: float 
         await asyncio.sleep(interval)
 
 
-async def rows_with_last_value(db: asyncpg.Pool, users: list[str], value: str) -> int:
+async def all_rows_hold(db: asyncpg.Pool, users: list[str], value: str) -> bool:
+    """True once every user's row exists with ``nickname == value``."""
     count: int = await db.fetchval(
         "SELECT count(*) FROM customers WHERE user_id = ANY($1) AND nickname = $2", users, value
     )
-    return count
+    return count == len(users)
 
 
 async def dead_letter_count(stack: Stack) -> int:
@@ -93,6 +95,18 @@ async def dead_letter_count(stack: Stack) -> int:
         queue = await channel.declare_queue(f"{stack.prefix}.dead", passive=True)
         count = queue.declaration_result.message_count
         return int(count or 0)
+
+
+async def queued_messages(stack: Stack) -> int:
+    """Messages waiting in the stack's shard queues (read from the queues' declarations; nothing consumed)."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        total = 0
+        for shard in range(8):
+            queue = await channel.declare_queue(f"{stack.prefix}.shard.{shard}", passive=True)
+            total += int(queue.declaration_result.message_count or 0)
+        return total
 
 
 def assert_truthful_answers(answers: dict[str, list[tuple[int, dict[str, Any]]]]) -> None:
@@ -130,7 +144,7 @@ async def test_worker_killed_mid_burst_loses_nothing(make_stack: Callable[..., S
     assert answered_at_kill < len(users) * per_user * 0.9, "the kill came too late to be mid-burst"
     assert_truthful_answers(answers)
     last = f"v{per_user - 1}"
-    assert await wait_for(lambda: rows_with_last_value(db, users, last), 60) == len(users)
+    assert await wait_for(lambda: all_rows_hold(db, users, last), 60)
     applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
     assert applied == len(users) * per_user  # every request applied exactly once
     assert await db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users) == len(users)
@@ -160,7 +174,7 @@ async def test_worker_sigterm_drains_in_flight_and_exits(
     log = worker.output()
     assert "worker stopped" in log and "drain deadline reached" not in log
     assert_truthful_answers(answers)
-    assert await wait_for(lambda: rows_with_last_value(db, users, f"v{per_user - 1}"), 60) == len(users)
+    assert await wait_for(lambda: all_rows_hold(db, users, f"v{per_user - 1}"), 60)
     applied = await db.fetchval("SELECT count(*) FROM processed_requests WHERE user_id = ANY($1)", users)
     assert applied == len(users) * per_user
 
@@ -168,7 +182,8 @@ async def test_worker_sigterm_drains_in_flight_and_exits(
 async def test_gateway_sigterm_answers_in_flight_requests_then_exits(
     make_stack: Callable[..., Stack], db: asyncpg.Pool
 ) -> None:
-    stack = make_stack(RPC_TIMEOUT=3, SHUTDOWN_DEADLINE=10)
+    # One request per message, so that queued messages count requests in flight.
+    stack = make_stack(RPC_TIMEOUT=3, SHUTDOWN_DEADLINE=10, MAX_PACK_SIZE=1)
     gateway = stack.start_gateway()  # no worker yet: requests wait for their reply until RPC_TIMEOUT
     users = [unique_user("gwterm") for _ in range(10)]
     async with aiohttp.ClientSession() as http:
@@ -176,16 +191,22 @@ async def test_gateway_sigterm_answers_in_flight_requests_then_exits(
             asyncio.create_task(post(http, f"{gateway.url}/api/external/customers", {"userId": u, "name": "x"}))
             for u in users
         ]
-        await asyncio.sleep(0.8)
+        # In flight = accepted by the broker and waiting for a reply: all 10 are in the shard queues.
+        async def all_in_flight() -> bool:
+            return await queued_messages(stack) == len(users)
+
+        assert await wait_for(all_in_flight, 15, interval=0.1)
         exit_code_task = asyncio.create_task(asyncio.to_thread(gateway.terminate, 30))
         answers = await asyncio.gather(*pending)
         exit_code = await exit_code_task
     assert [status for status, _ in answers] == [202] * len(users), answers
     assert exit_code == 0, gateway.output()
     stack.start_worker()  # accepted means durable: a worker started later applies them all
-    assert await wait_for(
-        lambda: db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users), 30
-    ) == len(users)
+
+    async def all_applied() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1)", users) == len(users))
+
+    assert await wait_for(all_applied, 30)
 
 
 async def test_broker_restart_gateway_503_then_everyone_reconnects(
