@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 
+from aio_pika.exceptions import AMQPError
 from aiohttp import web
 
 from gateway.app import create_app
@@ -47,7 +48,11 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     use_uvloop()
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (OSError, AMQPError) as exc:  # broker unreachable or port taken at start-up
+        log.error("gateway cannot start: %s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+
+import asyncpg
+from aio_pika.exceptions import AMQPError
 
 from shared.runtime import configure_logging, use_uvloop
 from shared.settings import Settings
@@ -27,7 +31,11 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     use_uvloop()
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except (OSError, AMQPError, asyncpg.PostgresError) as exc:  # broker or database unreachable at start-up
+        logging.getLogger("worker").error("worker cannot start: %s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
