@@ -164,14 +164,17 @@ class Consumer:
         the dead-letter queue.
         """
         attempt = 0
+        failures_while_database_answers = 0
         while True:
             try:
                 outcomes = await self._apply_in_db(items)
             except Exception as exc:
                 attempt += 1
                 if is_transient(exc) and not isinstance(exc, _SPLIT_ON):
-                    environment_broken = attempt < SUSPECT_BATCH_AFTER or not await self._database_answers()
-                    if environment_broken:
+                    if attempt >= SUSPECT_BATCH_AFTER and await self._database_answers():
+                        failures_while_database_answers += 1
+                    # One failure right after an outage is normal (a connection from before it); two are not.
+                    if failures_while_database_answers < 2:
                         delay = backoff(attempt, self.settings.retry_base_delay, self.settings.retry_max_delay)
                         log.warning("transient database error (%s: %s); retrying %d requests in %.1fs",
                                     exc.__class__.__name__, exc, len(items), delay)
