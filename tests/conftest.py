@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bench.stack import rabbitmqctl, with_database, with_vhost
 from shared.migrate import migrate
 from tests.support import (
     ADMIN_AMQP_URL,
@@ -20,9 +21,6 @@ from tests.support import (
     Gateway,
     Stack,
     have_rabbitmqctl,
-    rabbitmqctl,
-    with_database,
-    with_vhost,
 )
 
 TEST_DATABASE = f"crm_test_{RUN_ID}"

@@ -10,7 +10,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+# Shared with the benchmark, which manages the same kind of isolated database and vhost.
+from bench.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -40,29 +42,8 @@ def unique_phone() -> str:
     return f"15{next(_phone_counter) % 1_000_000_000:09d}"
 
 
-def with_database(url: str, database: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def with_vhost(url: str, vhost: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
-
-
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True)
-
-
 def have_rabbitmqctl() -> bool:
     return shutil.which("rabbitmqctl") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Proc:

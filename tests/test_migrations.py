@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from bench.stack import with_database
 from shared.migrate import migrate, migration_files
-from tests.support import ADMIN_DATABASE_URL, ROOT, with_database
+from tests.support import ADMIN_DATABASE_URL, ROOT
 
 # The columns of DEVELOPERS.md's customers table, plus field_stamps (per-field write stamps, see README).
 # A new column is a deliberate schema change: add it here in the same commit.

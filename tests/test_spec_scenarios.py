@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
+from tests import spec_examples
 from tests.conftest import fetch_customer, post
 from tests.support import unique_phone, unique_user
 
@@ -42,26 +43,7 @@ def scenario() -> Scenario:
 
 
 def scenario_1_body(s: Scenario) -> dict[str, Any]:
-    return {
-        "userId": s.user_1,
-        "botId": "bot_001",
-        "nickname": "小张",
-        "name": "张三",
-        "phone": s.phone,
-        "backup_phone": s.backup_phone,
-        "wechat": "zhangsan123",
-        "status": 1,
-        "community": "万科城",
-        "business_type": "whole_rent",
-        "room_type": "two_bedroom",
-        "room_tags": '["loft", "two_bath"]',
-        "move_in_date": "2024-09-01",
-        "lease_period": 12,
-        "price_range": "5000-8000",
-        "source_channel": "referral",
-        "creator": "外部Agent系统",
-        "internal_notes": "来自Agent系统推送",
-    }
+    return spec_examples.scenario_1_body(s.user_1, s.phone, s.backup_phone)
 
 
 def scenario_1_row(s: Scenario) -> dict[str, Any]:

@@ -21,30 +21,12 @@ from shared.model import (
     CustomerIn,
     parse_customer,
 )
+from tests.spec_examples import scenario_1_body
 
 USER = "agent_user_12345"
 
 # The spec's scenario-1 body: every field, all valid.
-FULL_BODY: dict[str, Any] = {
-    "userId": USER,
-    "botId": "bot_001",
-    "nickname": "小张",
-    "name": "张三",
-    "phone": "13800138000",
-    "backup_phone": "13900139000",
-    "wechat": "zhangsan123",
-    "status": 1,
-    "community": "万科城",
-    "business_type": "whole_rent",
-    "room_type": "two_bedroom",
-    "room_tags": '["loft", "two_bath"]',
-    "move_in_date": "2024-09-01",
-    "lease_period": 12,
-    "price_range": "5000-8000",
-    "source_channel": "referral",
-    "creator": "外部Agent系统",
-    "internal_notes": "来自Agent系统推送",
-}
+FULL_BODY: dict[str, Any] = scenario_1_body(USER, "13800138000", "13900139000")
 
 # Wire name -> attribute name where they differ.
 ATTRIBUTE = {"userId": "user_id", "botId": "bot_id"}
