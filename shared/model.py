@@ -94,7 +94,9 @@ def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> str | None:
 class CustomerIn(BaseModel):
     """One customer record as posted by a bot (wire names are the aliases)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # Only the documented wire names count: ``user_id`` / ``bot_id`` are unknown keys, ignored like any other
+    # (no populate_by_name, so {"user_id": ...} is a missing userId, not an alias).
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     user_id: str = Field(alias="userId")
     bot_id: str | None = Field(None, alias="botId")

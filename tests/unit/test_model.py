@@ -404,3 +404,18 @@ def test_every_field_error_is_listed_in_details() -> None:
     for detail in details:
         assert detail["field"] in detail["error"], detail
     assert caught.value.error == details[0]["error"]
+
+
+# ---- only the documented wire names ----------------------------------------------------------------
+
+
+def test_snake_case_user_id_is_not_an_alias_of_userId() -> None:
+    with pytest.raises(RequestInvalid) as caught:
+        parse_customer({"user_id": "snake_1", "name": "x"})
+    assert caught.value.error == USER_ID_REQUIRED
+
+
+def test_snake_case_bot_id_is_an_unknown_key_and_ignored() -> None:
+    customer = parse_customer({"userId": "u2", "bot_id": "x"})
+    assert customer.bot_id is None
+    assert customer.provided_fields() == {}
