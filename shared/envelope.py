@@ -20,7 +20,9 @@ from shared.model import CustomerIn
 
 SCHEMA_VERSION: Final = 1
 
-OutcomeStatus = Literal["created", "updated", "phone_taken", "idempotency_conflict", "failed"]
+# "superseded": the customer exists and every field the request provided had already been written by a newer
+# request (a stale replay, or a genuinely concurrent write), so nothing changed.
+OutcomeStatus = Literal["created", "updated", "superseded", "phone_taken", "idempotency_conflict", "failed"]
 
 
 class RequestEnvelope(BaseModel):
@@ -64,6 +66,8 @@ class Outcome:
     status: OutcomeStatus
     id: int | None = None
     error: str | None = None
+    # Wire names of provided fields that lost to newer writes (all of them when status is "superseded").
+    superseded: list[str] | None = None
 
 
 def body_hash(wire_payload: dict[str, Any]) -> str:
@@ -105,4 +109,8 @@ def encode_reply(outcomes: list[Outcome]) -> bytes:
 def decode_reply(body: bytes) -> list[Outcome]:
     """Outcomes from a worker's reply (built by ``encode_reply``)."""
     data = orjson.loads(body)
-    return [Outcome(**outcome) for outcome in data.get("outcomes", [])]
+    # Only known keys: a newer worker may add some, and a reply must still be read during a rolling upgrade.
+    return [Outcome(**{k: v for k, v in outcome.items() if k in _OUTCOME_KEYS}) for outcome in data.get("outcomes", [])]
+
+
+_OUTCOME_KEYS: Final = frozenset(Outcome.__dataclass_fields__)

@@ -4,7 +4,8 @@ Rules (spec + per-field stamps):
 * a field the request did not provide (missing, null, "") never changes the stored value (COALESCE);
 * a provided field wins only when the request's stamp is newer than that field's stamp, so applying a
   userId's requests in any order gives the row that applying them in gateway order gives;
-* the spec's defaults fill a customer only when it is created, with stamp 0 (any real value is newer).
+* the spec's defaults fill a customer only when it is created, with stamp 0 (any real value is newer);
+* a provided field that loses to a newer stamp is reported back (``superseded``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -36,17 +37,27 @@ class CustomerState:
     def new(cls, user_id: str) -> CustomerState:
         values: dict[str, Any] = dict.fromkeys(FIELDS)
         values.update(CREATE_DEFAULTS)
-        return cls(user_id=user_id, values=values)
+        return cls(user_id=user_id, values=values, dirty=True)  # a new customer is written even if bare
 
-    def apply(self, fields: dict[str, Any], stamp: int) -> None:
-        """Merge provided ``fields`` written at ``stamp`` (last-writer-wins per field)."""
+    def apply(self, fields: dict[str, Any], stamp: int) -> list[str]:
+        """Merge provided ``fields`` written at ``stamp`` (last-writer-wins per field).
+
+        Returns the provided fields that lost to a newer stamp (a stale or concurrent write): the answer
+        reports them, so it never claims an update that did not happen.
+        """
+        superseded = []
         for name, value in fields.items():
             if value is None:
                 continue
             if stamp > self.stamps.get(name, 0):
                 self.values[name] = value
                 self.stamps[name] = stamp
-        self.dirty = True
+                self.dirty = True
+            else:
+                superseded.append(name)
+        if not superseded:
+            self.dirty = True  # an update that provides nothing still counts as one (updated_at moves)
+        return superseded
 
     def would_set(self, name: str, value: Any, stamp: int) -> bool:
         return value is not None and stamp > self.stamps.get(name, 0)

@@ -70,20 +70,20 @@ def test_topology_routes_a_user_to_its_shard_queue() -> None:
 # ---- HybridClock ------------------------------------------------------------------------------------
 
 
-def fake_wall_clock(readings_ns: list[int]) -> Callable[[], int]:
-    it: Iterator[int] = iter(readings_ns)
+def readings(values_us: list[int]) -> Callable[[], int]:
+    it: Iterator[int] = iter(values_us)
     return lambda: next(it)
 
 
-def test_clock_follows_the_wall_clock_in_microseconds() -> None:
-    clock = HybridClock(fake_wall_clock([1_000_000_000, 1_000_005_000, 2_000_000_999]))
+def test_clock_follows_its_physical_time_in_microseconds() -> None:
+    clock = HybridClock(readings([1_000_000, 1_000_005, 2_000_000]))
     assert [clock.now(), clock.now(), clock.now()] == [1_000_000, 1_000_005, 2_000_000]
 
 
-def test_clock_is_strictly_monotonic_when_the_wall_clock_stalls_or_goes_back() -> None:
-    readings = [5_000_000, 5_000_000, 5_000_400, 4_000_000, 1_000, 5_002_000, 9_000_000]
-    clock = HybridClock(fake_wall_clock(readings))
-    stamps = [clock.now() for _ in readings]
+def test_clock_is_strictly_monotonic_when_physical_time_stalls_or_goes_back() -> None:
+    values = [5_000, 5_000, 5_000, 4_000, 1, 5_002, 9_000]
+    clock = HybridClock(readings(values))
+    stamps = [clock.now() for _ in values]
     assert stamps == [5_000, 5_001, 5_002, 5_003, 5_004, 5_005, 9_000]
     assert all(later > earlier for earlier, later in itertools.pairwise(stamps))
 
@@ -95,10 +95,11 @@ def test_clock_with_the_real_wall_clock_never_repeats() -> None:
 
 
 def test_clock_observe_never_issues_a_stamp_at_or_below_one_seen() -> None:
-    clock = HybridClock(lambda: 1_000_000)  # wall clock frozen at 1000 µs
+    clock = HybridClock(lambda: 1_000)  # physical time frozen at 1000 µs
     assert clock.now() == 1_000
     clock.observe(50_000)
     assert clock.now() == 50_001
+    assert clock.lead_us() == 49_001  # how far the stamps run ahead of physical time
     clock.observe(10)  # older stamps change nothing
     assert clock.now() == 50_002
 
@@ -306,3 +307,19 @@ def test_reply_round_trip() -> None:
     outcomes = [Outcome(request_id="r1", user_id="u", status="created", id=5),
                 Outcome(request_id="r2", user_id="u", status="phone_taken", error="手机号已存在")]
     assert decode_reply(encode_reply(outcomes)) == outcomes
+
+
+def test_merge_reports_fields_that_lost_to_newer_stamps() -> None:
+    state = stored({"name": "新", "nickname": "旧"}, {"name": 30, "nickname": 10})
+    lost = state.apply({"name": "更旧", "nickname": "较新"}, stamp=20)
+    assert lost == ["name"]
+    assert state.values == {**state.values, "name": "新", "nickname": "较新"}
+    assert state.dirty
+
+
+def test_merge_of_a_wholly_superseded_request_changes_nothing() -> None:
+    state = stored({"name": "新"}, {"name": 30})
+    before = (dict(state.values), dict(state.stamps))
+    assert state.apply({"name": "旧"}, stamp=20) == ["name"]
+    assert (state.values, state.stamps) == before
+    assert not state.dirty  # the row is not rewritten, updated_at does not move
