@@ -1,8 +1,9 @@
 """``python -m gateway``: serve the API on HOST:PORT until SIGTERM/SIGINT.
 
-Lifecycle, explicitly: open the broker connection (start-up fails if RabbitMQ is unreachable) → listen →
-on SIGTERM stop listening → let in-flight requests finish (they get their outcome or a 202) for up to
-SHUTDOWN_DEADLINE seconds → close the broker connection.
+Lifecycle, explicitly: read the settings (``--help`` stops before) → open the broker connection and check the
+topology (start-up fails with one line if RabbitMQ is unreachable or its topology differs) → listen (fails if
+PORT is taken) → on SIGTERM stop listening → let in-flight requests finish (they get their outcome or a 202)
+for up to SHUTDOWN_DEADLINE seconds → close the broker connection.
 """
 
 from __future__ import annotations
@@ -10,25 +11,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 
-from aio_pika.exceptions import AMQPError
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.keys import IN_FLIGHT
-from shared.runtime import configure_logging, use_uvloop
+from shared.cli import (
+    StartupError,
+    describe_listen_error,
+    entry_point_parser,
+    load_settings_or_exit,
+    run_or_fail,
+    starting,
+)
+from shared.logs import configure_logging
+from shared.runtime import use_uvloop
 from shared.settings import Settings
 
 log = logging.getLogger("gateway")
+
+DESCRIPTION = """\
+Serve the customer-ingestion HTTP API (POST /api/external/customers, GET /healthz) on HOST:PORT.
+Each accepted request is published to RabbitMQ (AMQP_URL) for a worker to apply; the gateway answers
+with the worker's outcome, or 202 after RPC_TIMEOUT seconds. Stops on SIGTERM/SIGINT after in-flight
+requests finish (at most SHUTDOWN_DEADLINE seconds)."""
 
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()  # runs the cleanup contexts' start-up half: the broker connection
+    with starting("RabbitMQ", settings.amqp_url):
+        await runner.setup()  # runs the cleanup contexts' start-up half: the broker connection and topology
     # backlog: bursts of hundreds of new connections; the default 128 drops SYNs (1 s client retries).
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(describe_listen_error(exc, settings.host, settings.port)) from exc
     log.info("gateway listening on %s:%d", settings.host, settings.port)
 
     stop = asyncio.Event()
@@ -44,15 +65,12 @@ async def serve(settings: Settings) -> None:
     log.info("gateway stopped")
 
 
-def main() -> None:
-    settings = Settings()
-    configure_logging(settings)
+def main(argv: Sequence[str] | None = None) -> None:
+    entry_point_parser("python -m gateway", DESCRIPTION).parse_args(argv)
+    settings = load_settings_or_exit()
+    configure_logging(settings, "gateway")
     use_uvloop()
-    try:
-        asyncio.run(serve(settings))
-    except (OSError, AMQPError) as exc:  # broker unreachable or port taken at start-up
-        log.error("gateway cannot start: %s", exc)
-        raise SystemExit(1) from None
+    run_or_fail(serve(settings), settings, "gateway")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
+from collections.abc import Sequence
 from importlib import resources
 
 import asyncpg
 
-from shared.runtime import configure_logging
-from shared.settings import Settings
+from shared.cli import CONNECT_TIMEOUT, StartupError, entry_point_parser, fail, load_settings_or_exit, starting
+from shared.logs import configure_logging
 
 log = logging.getLogger("shared.migrate")
 
@@ -60,22 +60,33 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
 
 
 async def migrate(database_url: str) -> list[str]:
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT)
     try:
         return await apply_migrations(conn)
     finally:
         await conn.close()
 
 
-def main() -> None:
-    settings = Settings()
-    configure_logging(settings)
+DESCRIPTION = """\
+Apply the pending SQL migrations shipped in shared/migrations to the database at DATABASE_URL, each in
+its own transaction, recorded in schema_migrations. Safe to run concurrently and repeatedly (a second
+run waits for the first, then finds nothing to do). Prints the versions applied."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    entry_point_parser("python -m shared.migrate", DESCRIPTION).parse_args(argv)
+    settings = load_settings_or_exit()
+    configure_logging(settings, "migrate")
     try:
-        applied = asyncio.run(migrate(settings.database_url))
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"migration failed: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        applied = asyncio.run(_migrate_or_explain(settings.database_url))
+    except StartupError as exc:
+        fail(f"migration failed: {exc}")
     print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+
+
+async def _migrate_or_explain(database_url: str) -> list[str]:
+    with starting("PostgreSQL", database_url):
+        return await migrate(database_url)
 
 
 if __name__ == "__main__":

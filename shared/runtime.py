@@ -1,19 +1,11 @@
-"""Process start-up helpers shared by every entry point: logging and the event loop."""
+"""Process start-up helper shared by the long-running entry points: the event loop.
+
+(Logging set-up lives in ``shared.logs.configure_logging``.)
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-
-from shared.settings import Settings
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # aio-pika logs every reconnect attempt with a traceback; one line is enough.
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def use_uvloop() -> None:

@@ -4,20 +4,47 @@ Layout (all durable):
     <prefix>.requests   direct exchange; routing key ``shard.<n>``
     <prefix>.shard.<n>  one queue per shard, bound with ``shard.<n>``; every worker consumes every shard
     <prefix>.dead       dead-letter queue (classic, so listing and requeueing keep the order)
+    <prefix>.topology   marker exchange (internal, never published to) recording SHARD_COUNT and QUEUE_TYPE
+
+Every process checks its topology against the broker's before declaring anything (``declare``): a gateway
+routing by 3 shards while the workers consume 2 would accept requests that nobody ever applies. Three checks,
+each turned into one ``TopologyMismatch`` line naming both values:
+1. no ``<prefix>.shard.<SHARD_COUNT>`` queue exists (more shards, or one left behind by a reduced count);
+2. the shard queues' ``x-queue-type``, which RabbitMQ compares on re-declaration (PRECONDITION_FAILED): shard 0
+   is declared first, then every shard in ``declare``;
+3. the marker: RabbitMQ compares only one argument of an exchange on re-declaration, ``alternate-exchange``
+   (custom ``x-`` arguments are ignored, checked on 3.10 and in 4.x's source), so the marker carries the
+   topology there: ``shard-count=3,queue-type=quorum``. The first process declares it; any other value is
+   refused with PRECONDITION_FAILED, whose text names the value already on the broker.
+The checks run on channels of their own, which the broker closes on failure, not on the caller's; existing
+deployments (no marker yet) pass checks 1 and 2 and get their marker from the first process that starts.
 
 Only features RabbitMQ 3.10 already has are used: direct exchanges, quorum/classic queues, publisher confirms.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
+from shared.errors import CrmError
 from shared.settings import Settings
+
+CHANGE_HINT = "give every gateway and worker the same SHARD_COUNT and QUEUE_TYPE, or change the topology as " \
+    "the README's \"Changing SHARD_COUNT or QUEUE_TYPE\" says"
+
+
+class TopologyMismatch(CrmError):
+    """This process's SHARD_COUNT / QUEUE_TYPE differ from what the broker already has: it must not start."""
 
 
 def shard_for(user_id: str, shard_count: int) -> int:
@@ -55,19 +82,77 @@ class Topology:
     def reply_queue(self, instance: str) -> str:
         return f"{self.prefix}.reply.{instance}"
 
+    @property
+    def marker_exchange(self) -> str:
+        return f"{self.prefix}.topology"
+
+    @property
+    def marker_value(self) -> str:
+        return format_marker(self.shard_count, self.queue_type)
+
+    def describe(self) -> str:
+        return f"SHARD_COUNT={self.shard_count} QUEUE_TYPE={self.queue_type}"
+
     async def declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.exchange, aio_pika.ExchangeType.DIRECT, durable=True)
 
     async def declare(self, channel: AbstractChannel) -> tuple[AbstractExchange, list[aio_pika.abc.AbstractQueue]]:
-        """Declare exchange, shard queues and the dead-letter queue; idempotent."""
+        """Check the topology against the broker's, then declare exchange, shard queues and the dead-letter
+        queue; idempotent. Raises ``TopologyMismatch`` (one line) when this process's differs."""
+        await self.check_against_broker(channel)
         exchange = await self.declare_exchange(channel)
         queues = []
         for shard in range(self.shard_count):
-            queue = await channel.declare_queue(self.shard_queue(shard), durable=True, arguments=self.shard_arguments)
+            name = self.shard_queue(shard)
+            try:
+                queue = await channel.declare_queue(name, durable=True, arguments=self.shard_arguments)
+            except ChannelPreconditionFailed as exc:
+                raise self._queue_mismatch(name, exc) from None
             await queue.bind(exchange, self.routing_key(shard))
             queues.append(queue)
         await self.declare_dead_letter_queue(channel)
         return exchange, queues
+
+    async def check_against_broker(self, channel: AbstractChannel) -> None:
+        """Checks 1-3 of the module docstring; declares the marker when it is absent (first process)."""
+        connection = (await channel.get_underlay_channel()).connection
+        beyond = self.shard_queue(self.shard_count)
+        async with _probe_channel(connection) as probe:
+            try:
+                await probe.queue_declare(beyond, passive=True)
+            except ChannelNotFoundEntity:
+                pass  # the normal case
+            else:
+                raise TopologyMismatch(
+                    f"topology mismatch: queue {beyond} exists on RabbitMQ but this process has {self.describe()} "
+                    f"(shards 0..{self.shard_count - 1}): another process uses more shards, or "
+                    f"a reduced SHARD_COUNT left it behind (drain and delete it); {CHANGE_HINT}")
+        async with _probe_channel(connection) as probe:
+            # The queue type first: the marker must not be created with a type the queues do not have.
+            first = self.shard_queue(0)
+            try:
+                await probe.queue_declare(first, durable=True, arguments=self.shard_arguments)
+            except ChannelPreconditionFailed as exc:
+                raise self._queue_mismatch(first, exc) from None
+            try:
+                await probe.exchange_declare(
+                    self.marker_exchange, exchange_type="fanout", durable=True, internal=True,
+                    arguments={"alternate-exchange": self.marker_value},
+                )
+            except ChannelPreconditionFailed as exc:
+                current = _current_value(exc)
+                parsed = parse_marker(current) if current is not None else None
+                theirs = (f"SHARD_COUNT={parsed[0]} QUEUE_TYPE={parsed[1]}" if parsed is not None
+                          else f"{current!r}" if current is not None else "another topology")
+                raise TopologyMismatch(
+                    f"topology mismatch: this process has {self.describe()} but RabbitMQ already has {theirs} "
+                    f"for prefix {self.prefix!r} (exchange {self.marker_exchange}); {CHANGE_HINT}") from None
+
+    def _queue_mismatch(self, name: str, exc: BaseException) -> TopologyMismatch:
+        current = _current_value(exc)
+        return TopologyMismatch(
+            f"topology mismatch: queue {name} exists on RabbitMQ with x-queue-type {current or 'different'} but "
+            f"this process has QUEUE_TYPE={self.queue_type}; {CHANGE_HINT}")
 
     @property
     def shard_arguments(self) -> dict[str, Any]:
@@ -84,3 +169,35 @@ class Topology:
         return await channel.declare_queue(
             self.dead_letter_queue, durable=True, arguments={"x-queue-type": "classic"}
         )
+
+
+def format_marker(shard_count: int, queue_type: str) -> str:
+    """The marker exchange's ``alternate-exchange`` value: ``shard-count=3,queue-type=quorum``."""
+    return f"shard-count={shard_count},queue-type={queue_type}"
+
+
+_MARKER = re.compile(r"shard-count=(\d+),queue-type=(\w+)")
+# RabbitMQ's PRECONDITION_FAILED text: "... received 'X' but current is 'Y'" (3.10+), or "... received the
+# value 'X' of type 'longstr' but current is the value 'Y' of type 'longstr'" when the types differ.
+_CURRENT = re.compile(r"but current is (?:the value )?'([^']*)'")
+
+
+def parse_marker(value: str) -> tuple[int, str] | None:
+    match = _MARKER.fullmatch(value)
+    return (int(match[1]), match[2]) if match else None
+
+
+def _current_value(exc: BaseException) -> str | None:
+    match = _CURRENT.search(str(exc))
+    return match[1] if match else None
+
+
+@contextlib.asynccontextmanager
+async def _probe_channel(connection: aiormq.abc.AbstractConnection) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A raw channel for checks that may make the broker close it (404/406), closed after use."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            await channel.close()

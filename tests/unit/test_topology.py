@@ -1,0 +1,63 @@
+"""The topology's pure rules: names, the marker value, and reading RabbitMQ's PRECONDITION_FAILED text."""
+
+from __future__ import annotations
+
+import pytest
+from aio_pika.exceptions import ChannelPreconditionFailed
+
+from shared.topology import Topology, TopologyMismatch, _current_value, format_marker, parse_marker, shard_for
+
+
+def test_marker_value_round_trips() -> None:
+    assert format_marker(3, "quorum") == "shard-count=3,queue-type=quorum"
+    assert parse_marker(format_marker(3, "quorum")) == (3, "quorum")
+    assert parse_marker(format_marker(1024, "classic")) == (1024, "classic")
+
+
+@pytest.mark.parametrize("value", ["", "shard-count=x,queue-type=quorum", "shard-count=3", "crm.alternate"])
+def test_a_marker_we_did_not_write_is_not_parsed(value: str) -> None:
+    assert parse_marker(value) is None
+
+
+def test_marker_is_named_after_the_prefix_and_differs_with_the_topology() -> None:
+    two, three = Topology("crm", 2, "quorum"), Topology("crm", 3, "quorum")
+
+    assert two.marker_exchange == "crm.topology"
+    assert two.marker_value != three.marker_value
+    assert Topology("crm", 2, "classic").marker_value != two.marker_value
+
+
+@pytest.mark.parametrize(
+    ("text", "current"),
+    [
+        # RabbitMQ 3.10+ when both values are strings
+        ("PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'crm.topology' in vhost '/': "
+         "received 'shard-count=3,queue-type=quorum' but current is 'shard-count=2,queue-type=quorum'",
+         "shard-count=2,queue-type=quorum"),
+        # when the types differ
+        ("PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'x' in vhost '/': received the "
+         "value 'a' of type 'longstr' but current is the value 'b' of type 'longstr'", "b"),
+        ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'crm.shard.0' in vhost '/': received "
+         "'quorum' but current is 'classic'", "classic"),
+        ("PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'x' in vhost '/': received the "
+         "value 'x' of type 'longstr' but current is none", None),
+    ],
+    ids=["same-type", "typed", "queue-type", "none"],
+)
+def test_current_value_is_read_from_the_broker_text(text: str, current: str | None) -> None:
+    assert _current_value(ChannelPreconditionFailed(text)) == current
+
+
+def test_queue_type_mismatch_names_both_types() -> None:
+    error = Topology("crm", 2, "quorum")._queue_mismatch("crm.shard.0", ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'crm.shard.0' in vhost '/': received "
+        "'quorum' but current is 'classic'"))
+
+    assert isinstance(error, TopologyMismatch)
+    assert "x-queue-type classic" in str(error) and "QUEUE_TYPE=quorum" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_shard_of_a_user_is_stable_and_in_range() -> None:
+    assert shard_for("user-1", 8) == shard_for("user-1", 8)
+    assert all(0 <= shard_for(f"u{i}", 3) < 3 for i in range(100))
