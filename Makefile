@@ -21,6 +21,7 @@ lint: install
 
 services: install
 	$(BIN)/python scripts/ensure_services.py
+	$(BIN)/python scripts/enable_rabbitmq_prometheus.py
 
 test: lint services
 	$(BIN)/pytest
