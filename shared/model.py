@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import orjson
@@ -43,6 +44,10 @@ MAX_LENGTHS: Final[dict[str, int]] = {
 MAX_ROOM_TAGS: Final = 50
 MAX_ROOM_TAG_LENGTH: Final = 50
 MAX_LEASE_MONTHS: Final = 120
+# The spec's status values and their meaning (the validator accepts exactly these keys).
+STATUS_LABELS: Final[dict[int, str]] = {
+    1: "跟进中", 2: "客户不再回复", 3: "已约带看", 4: "已成交未结佣", 5: "已成交已结佣",
+}
 
 # [0-9], not \d: \d also matches non-ASCII digits such as "١".
 _PHONE = re.compile(r"1[3-9][0-9]{9}")
@@ -57,6 +62,62 @@ CREATE_DEFAULTS: Final[dict[str, Any]] = {
     "source_channel": "referral",
     "creator": "外部系统",
 }
+
+
+# ---- JSON schema of the rules (documentation only) ---------------------------------------------------
+# The validators below are ``mode="before"`` functions, which pydantic's JSON schema cannot see. Each field
+# therefore carries ``json_schema_extra`` describing, from the same constants, what its validator enforces;
+# gateway/openapi.py publishes the result. None of it takes part in validation.
+
+JsonDict = dict[str, Any]
+
+_NO_NUL = r"^[^\u0000]*$"
+_NON_BLANK_NO_NUL = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+_NOT_PROVIDED: Final[JsonDict] = {"const": "", "description": "空字符串：视为未提供"}
+
+
+def _anchored(pattern: re.Pattern[str]) -> str:
+    # The validators use fullmatch; a JSON-schema pattern matches anywhere unless anchored.
+    return f"^{pattern.pattern}$"
+
+
+def _text_schema(field: str, pattern: str = _NO_NUL) -> JsonDict:
+    schema: JsonDict = {"type": "string", "pattern": pattern}
+    if field in MAX_LENGTHS:
+        schema["maxLength"] = MAX_LENGTHS[field]
+    return schema
+
+
+def _documented(*branches: JsonDict, required: bool = False) -> Callable[[JsonDict], None]:
+    """``json_schema_extra`` replacing pydantic's schema of a field by the wire rules (keeps the description).
+
+    An optional field also accepts ``null`` — and ``""`` where its value branch does not already — both
+    meaning "not provided".
+    """
+
+    def update(schema: JsonDict) -> None:
+        description = schema.get("description")
+        schema.clear()
+        if description is not None:
+            schema["description"] = description
+        if required:
+            schema.update(branches[0])
+        else:
+            schema["anyOf"] = [*branches, {"type": "null", "description": "null：视为未提供"}]
+
+    return update
+
+
+def _document_model(schema: JsonDict) -> None:
+    """Model-level ``json_schema_extra``: unknown keys are ignored, not refused; no generated titles."""
+    schema["additionalProperties"] = True
+    for field_schema in schema.get("properties", {}).values():
+        field_schema.pop("title", None)
+
+
+def _room_tags_array() -> JsonDict:
+    tag: JsonDict = {"type": "string", "minLength": 1, "maxLength": MAX_ROOM_TAG_LENGTH, "pattern": _NO_NUL}
+    return {"type": "array", "items": tag, "maxItems": MAX_ROOM_TAGS}
 
 
 def _fail(message: str) -> PydanticCustomError:
@@ -96,26 +157,101 @@ class CustomerIn(BaseModel):
 
     # Only the documented wire names count: ``user_id`` / ``bot_id`` are unknown keys, ignored like any other
     # (no populate_by_name, so {"user_id": ...} is a missing userId, not an alias).
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_document_model)
 
-    user_id: str = Field(alias="userId")
-    bot_id: str | None = Field(None, alias="botId")
-    nickname: str | None = None
-    name: str | None = None
-    phone: str | None = None
-    backup_phone: str | None = None
-    wechat: str | None = None
-    status: int | None = None
-    community: str | None = None
-    business_type: BusinessType | None = None
-    room_type: RoomType | None = None
-    room_tags: list[str] | None = None
-    move_in_date: dt.date | None = None
-    lease_period: int | None = None
-    price_range: str | None = None
-    source_channel: SourceChannel | None = None
-    creator: str | None = None
-    internal_notes: str | None = None
+    user_id: str = Field(
+        alias="userId",
+        description="用户第三方唯一标识ID（必填，不能为空白）",
+        json_schema_extra=_documented(
+            {**_text_schema("userId", _NON_BLANK_NO_NUL), "minLength": 1}, required=True
+        ),
+    )
+    bot_id: str | None = Field(
+        None, alias="botId", description="机器人/工作人员账号ID", json_schema_extra=_documented(_text_schema("botId"))
+    )
+    nickname: str | None = Field(
+        None, description="客户昵称", json_schema_extra=_documented(_text_schema("nickname"))
+    )
+    name: str | None = Field(None, description="客户真实姓名", json_schema_extra=_documented(_text_schema("name")))
+    phone: str | None = Field(
+        None,
+        description="主手机号：1[3-9]开头的11位中国大陆手机号；已被其他客户使用时返回409",
+        json_schema_extra=_documented({"type": "string", "pattern": _anchored(_PHONE)}, _NOT_PROVIDED),
+    )
+    backup_phone: str | None = Field(
+        None,
+        description="备用手机号：格式同phone",
+        json_schema_extra=_documented({"type": "string", "pattern": _anchored(_PHONE)}, _NOT_PROVIDED),
+    )
+    wechat: str | None = Field(None, description="微信号", json_schema_extra=_documented(_text_schema("wechat")))
+    status: int | None = Field(
+        None,
+        description="客户状态（整数，不接受字符串）："
+        + "，".join(f"{value}={label}" for value, label in STATUS_LABELS.items())
+        + f"；新建时默认{CREATE_DEFAULTS['status']}",
+        json_schema_extra=_documented(
+            {"type": "integer", "minimum": min(STATUS_LABELS), "maximum": max(STATUS_LABELS)}, _NOT_PROVIDED
+        ),
+    )
+    community: str | None = Field(
+        None, description="咨询小区名称", json_schema_extra=_documented(_text_schema("community"))
+    )
+    business_type: BusinessType | None = Field(
+        None,
+        description=f"业务类型；新建时默认{CREATE_DEFAULTS['business_type']}",
+        json_schema_extra=_documented({"type": "string", "enum": list(BUSINESS_TYPES)}, _NOT_PROVIDED),
+    )
+    room_type: RoomType | None = Field(
+        None,
+        description=f"房型；新建时默认{CREATE_DEFAULTS['room_type']}",
+        json_schema_extra=_documented({"type": "string", "enum": list(ROOM_TYPES)}, _NOT_PROVIDED),
+    )
+    room_tags: list[str] | None = Field(
+        None,
+        description=f"房型标签：JSON数组字符串（如 '[\"loft\", \"two_bath\"]'）或字符串数组；"
+        f"最多{MAX_ROOM_TAGS}个标签，每个1到{MAX_ROOM_TAG_LENGTH}个字符",
+        json_schema_extra=_documented(
+            {
+                "type": "string",
+                "description": "JSON数组字符串",
+                "pattern": r"^\s*\[[\s\S]*\]\s*$",
+                "contentMediaType": "application/json",
+                "contentSchema": _room_tags_array(),
+            },
+            _room_tags_array(),
+            _NOT_PROVIDED,
+        ),
+    )
+    move_in_date: dt.date | None = Field(
+        None,
+        description="期望入住日期，YYYY-MM-DD",
+        json_schema_extra=_documented(
+            {"type": "string", "format": "date", "pattern": _anchored(_DATE)}, _NOT_PROVIDED
+        ),
+    )
+    lease_period: int | None = Field(
+        None,
+        description="租赁周期（月数，整数）",
+        json_schema_extra=_documented({"type": "integer", "minimum": 1, "maximum": MAX_LEASE_MONTHS}, _NOT_PROVIDED),
+    )
+    price_range: str | None = Field(
+        None,
+        description="可接受价格范围“最低价-最高价”，如5000-8000；最低价不能大于最高价",
+        json_schema_extra=_documented(_text_schema("price_range", _anchored(_PRICE_RANGE)), _NOT_PROVIDED),
+    )
+    source_channel: SourceChannel | None = Field(
+        None,
+        description=f"来源渠道；新建时默认{CREATE_DEFAULTS['source_channel']}",
+        json_schema_extra=_documented({"type": "string", "enum": list(SOURCE_CHANNELS)}, _NOT_PROVIDED),
+    )
+    creator: str | None = Field(
+        None,
+        description=f"录入人标识；新建时默认“{CREATE_DEFAULTS['creator']}”",
+        json_schema_extra=_documented(_text_schema("creator")),
+    )
+    internal_notes: str | None = Field(
+        None, description="内部备注", json_schema_extra=_documented(_text_schema("internal_notes"))
+    )
 
     @field_validator("user_id", mode="before")
     @classmethod
@@ -251,8 +387,12 @@ class CustomerIn(BaseModel):
 _WIRE_NAMES: Final = {"user_id": "userId", "bot_id": "botId"}
 
 
-def _wire_name(field_name: str) -> str:
+def wire_name(field_name: str) -> str:
+    """The name a field has in requests and answers (``bot_id`` -> ``botId``)."""
     return _WIRE_NAMES.get(field_name, field_name)
+
+
+_wire_name = wire_name
 
 
 _PYDANTIC_MESSAGES: Final = {
