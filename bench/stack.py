@@ -221,7 +221,8 @@ class BenchStack:
 
     async def start_servers(self, workers: int) -> None:
         for n in range(1, workers + 1):
-            worker = Server(f"worker-{n}", "worker", self.server_env(), self.log_dir / f"worker-{n}.log")
+            env = {**self.server_env(), "METRICS_PORT": str(free_port())}
+            worker = Server(f"worker-{n}", "worker", env, self.log_dir / f"worker-{n}.log")
             self.workers.append(worker)
         for worker in self.workers:
             await wait_log_line(worker, "consuming")

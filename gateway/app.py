@@ -1,4 +1,11 @@
-"""``create_app(settings)``: the aiohttp application and the lifecycle of its broker connection."""
+"""``create_app(settings)``: the one place that wires the gateway's middlewares, routes and resources.
+
+Middlewares, outermost first:
+  access log (one line per request, request ids bound)  ->  in-flight count (SIGTERM waits for it)  ->
+  metrics (count and time, final status)  ->  errors (the only place errors become HTTP)  ->  handler
+Resources, opened in this order at start-up and closed in reverse (cleanup contexts): the database clock,
+the read-only database pool (neither may fail start-up: Postgres can be away), the broker connection.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +13,74 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.access_log import access_log_middleware
+from gateway.customers import get_customer, post_customer
+from gateway.docs import DOCS, DOCS_ASSETS_ROUTE, docs_asset, docs_page, load_docs, openapi_json
 from gateway.errors import error_middleware
-from gateway.handlers import health, post_customer
+from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
-from gateway.keys import CLOCK, IN_FLIGHT, RPC, SETTINGS
+from gateway.keys import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
+from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
+from gateway.request_status import get_request_status
 from gateway.rpc import RpcClient
+from gateway.store import ReadStore
 from shared.settings import Settings
-from shared.stamps import HybridClock
+from shared.timeline import Timeline
+
+
+async def _timeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Stamp on the database clock: measure its offset now if Postgres answers, and keep measuring.
+
+    Never fails start-up: with Postgres away the gateway still accepts (and stamps with its wall clock until
+    the first sample, see shared/timeline.py).
+    """
+    timeline = Timeline.from_settings(app[SETTINGS])
+    await timeline.start()
+    app[TIMELINE] = timeline
+    app[METRICS].clock.follow_timeline(timeline)
+    yield
+    await timeline.stop()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = ReadStore(settings.database_url, settings.gateway_db_pool_size, settings.processed_retention_hours)
+    await store.start()
+    app[STORE] = store
+    yield
+    await store.stop()
 
 
 async def _rpc_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the broker connection (fails start-up if unreachable), close it on shutdown."""
-    rpc = RpcClient(app[SETTINGS])
+    rpc = RpcClient(app[SETTINGS], app[METRICS])
     await rpc.start()
     app[RPC] = rpc
+    app[METRICS].set_ready(True)
     yield
     await rpc.stop()
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.body_limit, middlewares=[track_in_flight, error_middleware])
+    app = web.Application(
+        client_max_size=settings.body_limit,
+        middlewares=[access_log_middleware, track_in_flight, http_metrics, error_middleware],
+    )
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
-    app[CLOCK] = HybridClock()
+    app[METRICS] = GatewayMetrics()
+    app[DOCS] = load_docs(settings)  # the OpenAPI document and the docs page, built once
+    app.cleanup_ctx.append(_timeline_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rpc_ctx)
+
     app.router.add_post("/api/external/customers", post_customer)
-    app.router.add_get("/healthz", health)
+    app.router.add_get("/api/external/customers/{userId}", get_customer)
+    app.router.add_get("/api/external/requests/{requestId}", get_request_status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/docs", docs_page)
+    app.router.add_get(DOCS_ASSETS_ROUTE, docs_asset)
     return app

@@ -1,10 +1,15 @@
-"""HTTP handlers: ``POST /api/external/customers`` and the health check."""
+"""The customers resource: ``POST /api/external/customers`` (upsert) and ``GET .../{userId}`` (read-back).
+
+POST flow: make the request id (UUIDv7 on the shared timeline; the log lines, the ``X-Request-Id`` header,
+the envelope, the processed record and a dead letter all carry it) -> validate -> stamp -> publish and wait
+for the broker's confirm -> wait for the worker's outcome up to RPC_TIMEOUT, else 202 with the id to poll.
+Errors are raised, never answered here: ``gateway.errors`` turns them into HTTP (with the id).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import orjson
 from aiohttp import web
@@ -12,17 +17,21 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
-from gateway.keys import CLOCK, RPC, SETTINGS
+from gateway.keys import METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
 from shared.envelope import RequestEnvelope, body_hash
 from shared.errors import (
     BodyTooLarge,
+    CustomerNotFound,
     IdempotencyKeyReused,
     PhoneTaken,
     ProcessingFailed,
     RequestInvalid,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
+from shared.logs import set_request_id
 from shared.model import parse_customer
+from shared.request_ids import new_request_id
 
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -57,32 +66,45 @@ def idempotency_key(request: web.Request) -> str | None:
 
 async def post_customer(request: web.Request) -> web.Response:
     started = time.monotonic()
-    settings, rpc = request.app[SETTINGS], request.app[RPC]
+    app = request.app
+    settings, rpc, metrics, timeline = app[SETTINGS], app[RPC], app[METRICS], app[TIMELINE]
+    request_id = new_request_id(timeline.now_us() // 1000)
+    request[REQUEST_ID] = request_id
+    set_request_id(request_id)
+
     data = await read_json_body(request, settings.body_limit)
     customer = parse_customer(data)
     key = idempotency_key(request)
     payload = customer.wire()
     # Built from validated parts, so constructed without a second validation (the worker validates it).
     envelope = RequestEnvelope.model_construct(
-        request_id=uuid.uuid4().hex,
-        stamp=request.app[CLOCK].now(),
+        request_id=request_id,
+        stamp=timeline.stamp(),
         user_id=customer.user_id,
         payload=payload,
         idempotency_key=key,
         body_hash=body_hash(payload) if key is not None else None,
     )
-    outcome_future = await rpc.submit(envelope)  # returns once the broker confirmed: nothing is lost now
+    try:
+        outcome_future = await rpc.submit(envelope)  # returns once the broker confirmed: nothing is lost now
+    except ServiceUnavailable:
+        metrics.count_outcome("unavailable")
+        raise
     remaining = settings.rpc_timeout - (time.monotonic() - started)
     try:
         outcome = await asyncio.wait_for(outcome_future, timeout=max(remaining, 0.001))
     except TimeoutError:
-        rpc.forget(envelope.request_id)
-        return responses.accepted(envelope.user_id, envelope.request_id)
+        rpc.forget(request_id)
+        metrics.count_outcome("timeout")
+        return responses.accepted(envelope.user_id, request_id)
 
+    metrics.count_outcome(outcome.status)
     if outcome.status == "created" and outcome.id is not None:
         return responses.created(outcome.id, outcome.user_id)
     if outcome.status == "updated" and outcome.id is not None:
-        return responses.updated(outcome.id, outcome.user_id)
+        return responses.updated(outcome.id, outcome.user_id, outcome.superseded)
+    if outcome.status == "superseded" and outcome.id is not None:
+        return responses.superseded(outcome.id, outcome.user_id, outcome.superseded or [])
     if outcome.status == "phone_taken":
         raise PhoneTaken(outcome.error or "手机号已存在")
     if outcome.status == "idempotency_conflict":
@@ -90,7 +112,10 @@ async def post_customer(request: web.Request) -> web.Response:
     raise ProcessingFailed("客户数据处理失败，请求已转入死信队列")
 
 
-async def health(request: web.Request) -> web.Response:
-    if request.app[RPC].available:
-        return responses.json_response({"success": True, "status": "ok"})
-    return responses.json_response({"success": False, "status": "broker unavailable"}, status=503)
+async def get_customer(request: web.Request) -> web.Response:
+    """The stored customer in the request's field names, plus ``id``, ``createdAt``, ``updatedAt``."""
+    user_id = request.match_info["userId"]
+    customer = await request.app[STORE].customer(user_id)
+    if customer is None:
+        raise CustomerNotFound(f"客户不存在：{user_id}")
+    return responses.json_response({"success": True, "data": customer})

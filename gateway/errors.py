@@ -11,13 +11,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.keys import SETTINGS
+from gateway.access_log import REQUEST_ID_HEADER
+from gateway.keys import REQUEST_ID, SETTINGS
 from gateway.responses import json_response
 from shared.errors import (
     BodyTooLarge,
     ClientError,
     MethodNotAllowed,
     NotFound,
+    ProcessingFailed,
     RequestInvalid,
     ServiceUnavailable,
 )
@@ -39,8 +41,11 @@ def _from_http_exception(exc: web.HTTPException) -> ClientError:
     return error
 
 
-def error_response(error: ClientError, retry_after: int) -> web.Response:
-    response = json_response(error.body(), status=error.status)
+def error_response(error: ClientError, retry_after: int, request_id: str | None = None) -> web.Response:
+    body = error.body()
+    if request_id is not None and isinstance(error, ProcessingFailed):
+        body["requestId"] = request_id  # a dead-lettered request: the id to find it with `replay list`
+    response = json_response(body, status=error.status)
     if isinstance(error, ServiceUnavailable):
         response.headers["Retry-After"] = str(retry_after)
     return response
@@ -50,15 +55,20 @@ def error_response(error: ClientError, retry_after: int) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     retry_after = request.app[SETTINGS].retry_after_seconds
     try:
-        return await handler(request)
+        response = await handler(request)
     except ClientError as error:
-        return error_response(error, retry_after)
+        response = error_response(error, retry_after, request.get(REQUEST_ID))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc), retry_after)
+        response = error_response(_from_http_exception(exc), retry_after)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_response(
+        response = json_response(
             {"success": False, "error": "服务器内部错误", "message": "服务器处理失败"}, status=500
         )
+    # Every answer to a request that got an id names it, errors included.
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response

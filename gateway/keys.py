@@ -5,11 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.inflight import InFlight
+from gateway.metrics import METRICS as METRICS
 from gateway.rpc import RpcClient
+from gateway.store import ReadStore
 from shared.settings import Settings
-from shared.stamps import HybridClock
+from shared.timeline import Timeline
 
 SETTINGS = web.AppKey("settings", Settings)
 RPC = web.AppKey("rpc", RpcClient)
-CLOCK = web.AppKey("clock", HybridClock)
+TIMELINE = web.AppKey("timeline", Timeline)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+STORE = web.AppKey("store", ReadStore)
+# Per request: our request id, once the handler made one (the error middleware puts it in X-Request-Id).
+REQUEST_ID = "crm_request_id"

@@ -25,6 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from gateway.metrics import GatewayMetrics
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.errors import ServiceUnavailable
 from shared.settings import Settings
@@ -49,8 +50,9 @@ class _Shard:
 
 
 class RpcClient:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: GatewayMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.topology = Topology.from_settings(settings)
         self.instance = uuid.uuid4().hex[:12]
         self.connection: AbstractRobustConnection | None = None
@@ -62,6 +64,7 @@ class RpcClient:
         self._shards = [_Shard() for _ in range(settings.shard_count)]
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._reply_tag: str | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -78,7 +81,7 @@ class RpcClient:
         self.reply_queue = await self.channel.declare_queue(
             self.topology.reply_queue(self.instance), exclusive=True, auto_delete=True
         )
-        await self.reply_queue.consume(self._on_reply, no_ack=True)
+        self._reply_tag = await self.reply_queue.consume(self._on_reply, no_ack=True)
         self._sweeper = asyncio.create_task(self._withdraw_expired())
         log.info("gateway %s connected; replies on %s", self.instance, self.reply_queue.name)
 
@@ -99,6 +102,11 @@ class RpcClient:
             and self.channel is not None
             and not self.channel.is_closed
         )
+
+    @property
+    def replies_consuming(self) -> bool:
+        """The reply consumer is registered on a usable channel (aio-pika restores it after a reconnect)."""
+        return self._reply_tag is not None and self.available
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -140,15 +148,18 @@ class RpcClient:
             while shard.queued:
                 batch = shard.queued[: self.settings.max_pack_size]
                 del shard.queued[: len(batch)]
+                self.metrics.observe_pack(len(batch))
                 try:
                     await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
                     # Sent or not, unconfirmed: 503 (README: retry with the same Idempotency-Key).
+                    self.metrics.count_publish(confirmed=False)
                     log.warning("publish of %d requests failed: %s", len(batch), exc)
                     for item in batch:
                         if not item.confirmed.done():
                             item.confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
                 else:
+                    self.metrics.count_publish(confirmed=True)
                     for item in batch:
                         if not item.confirmed.done():
                             item.confirmed.set_result(None)

@@ -59,6 +59,14 @@ class NotFound(ClientError):
     message = "接口不存在"
 
 
+class CustomerNotFound(NotFound):
+    message = "客户不存在"
+
+
+class RequestNotFound(NotFound):
+    message = "请求不存在"
+
+
 class MethodNotAllowed(ClientError):
     status = 405
     message = "请求方法不支持"

@@ -33,12 +33,20 @@ class Settings(BaseSettings):
     max_pack_size: int = Field(64, ge=1, description="requests packed into one AMQP message at most")
     publishes_in_flight: int = Field(2, ge=1, description="publishes per shard awaiting a confirm at once")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent with 503")
+    gateway_db_pool_size: int = Field(2, ge=1, description="read-only connections for GET requests, at most")
+
+    # Clock: every process stamps on the database server's clock (shared/timeline.py)
+    clock_sync_interval: float = Field(2.0, gt=0, description="seconds between samples of the database clock")
+    clock_skew_bound_ms: float = Field(
+        25.0, gt=0, description="clock error (ms) above which a process logs it; a worker logs requests stamped "
+        "further in the future")
 
     # Worker
     worker_prefetch: int = Field(32, ge=1, description="unacked AMQP messages (packs) per worker")
     worker_batch_size: int = Field(512, ge=1, description="requests applied in one transaction at most")
     worker_concurrency: int = Field(2, ge=1, description="batches applied at once per worker")
     db_pool_size: int = Field(4, ge=1)
+    metrics_port: int = Field(9100, ge=0, le=65535, description="worker's /metrics port (0: off)")
     max_attempts: int = Field(5, ge=1, description="tries of a permanently failing request before dead-lettering")
     retry_base_delay: float = Field(0.5, ge=0, description="first backoff for a failing request, seconds")
     retry_max_delay: float = Field(10.0, ge=0, description="backoff cap, seconds")
@@ -48,6 +56,7 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
 
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="after")
     def _retention_covers_idempotency(self) -> Settings:

@@ -16,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,14 @@ def have_rabbitmqctl() -> bool:
 class Proc:
     """One of our processes (``python -m gateway`` / ``python -m worker``) with its log file."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, module: str, env: dict[str, str], log_path: Path, wrapper: Sequence[str] = ()) -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # wrapper: a command the process runs under, e.g. faketime to shift its clock.
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            [*wrapper, sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
 
     @property
@@ -90,18 +92,19 @@ class Proc:
 
 
 class Gateway(Proc):
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, wrapper: Sequence[str] = ()) -> None:
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__("gateway", env, log_path)
+        super().__init__("gateway", env, log_path, wrapper)
 
     def wait_healthy(self, timeout: float = 30) -> None:
+        """Until GET /readyz answers 200 (the gateway can accept writes)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"gateway exited:\n{self.output()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -112,6 +115,7 @@ class Gateway(Proc):
 
 class Worker(Proc):
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.metrics_url = f"http://127.0.0.1:{env.get('METRICS_PORT', '9100')}/metrics"
         super().__init__("worker", env, log_path)
 
     def wait_consuming(self, timeout: float = 30) -> None:
@@ -154,16 +158,17 @@ class Stack:
 
     def start_worker(self, wait: bool = True, **overrides: Any) -> Worker:
         n = sum(isinstance(p, Worker) for p in self.procs) + 1
+        overrides.setdefault("METRICS_PORT", free_port())  # several workers on one host
         worker = Worker(self.env(**overrides), self.log_dir / f"worker-{n}.log")
         self.procs.append(worker)
         if wait:
             worker.wait_consuming()
         return worker
 
-    def start_gateway(self, wait: bool = True, **overrides: Any) -> Gateway:
+    def start_gateway(self, wait: bool = True, wrapper: Sequence[str] = (), **overrides: Any) -> Gateway:
         n = sum(isinstance(p, Gateway) for p in self.procs) + 1
         overrides.setdefault("PORT", free_port())
-        gateway = Gateway(self.env(**overrides), self.log_dir / f"gateway-{n}.log")
+        gateway = Gateway(self.env(**overrides), self.log_dir / f"gateway-{n}.log", wrapper)
         self.procs.append(gateway)
         if wait:
             gateway.wait_healthy()

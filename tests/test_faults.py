@@ -223,10 +223,15 @@ async def test_broker_restart_gateway_503_then_everyone_reconnects(
         async with rabbit_down():
 
             async def gateway_sees_outage() -> bool:
-                async with http.get(f"{gateway.url}/healthz") as response:
+                async with http.get(f"{gateway.url}/readyz") as response:
                     return response.status == 503
 
             assert await wait_for(gateway_sees_outage, 20)
+            async with http.get(f"{gateway.url}/readyz") as response:
+                readiness = await response.json()
+            assert readiness["checks"]["broker"] == "down" and "broker" in readiness["failing"]
+            async with http.get(f"{gateway.url}/healthz") as response:
+                assert response.status == 200  # alive: a broker outage is no reason to restart the gateway
             started = time.monotonic()
             async with http.post(url, json={"userId": unique_user("rmq"), "name": "during"}) as response:
                 body = await response.json()
@@ -248,6 +253,37 @@ async def test_broker_restart_gateway_503_then_everyone_reconnects(
         assert status == 201, body
     assert worker.alive() and gateway.alive()
     assert await db.fetchval("SELECT name FROM customers WHERE user_id = $1", user) == "after"
+
+
+async def test_postgres_down_gateway_stays_ready_reports_database_degraded_and_reads_get_503(
+    make_stack: Callable[..., Stack], http: aiohttp.ClientSession
+) -> None:
+    stack = make_stack(CLOCK_SYNC_INTERVAL="0.2")
+    stack.start_worker()
+    gateway = stack.start_gateway()
+    user = unique_user("ro")
+    assert (await post(http, f"{gateway.url}/api/external/customers", {"userId": user, "name": "x"}))[0] == 201
+    async with postgres_down():
+
+        async def database_degraded() -> bool:
+            async with http.get(f"{gateway.url}/readyz") as response:
+                body = await response.json()
+                return response.status == 200 and body["checks"]["database"] == "degraded"
+
+        assert await wait_for(database_degraded, 20)  # ready all along: writes are still accepted
+        async with http.get(f"{gateway.url}/api/external/customers/{user}") as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers.get("Retry-After", "").isdigit()
+            assert body["success"] is False and body["error"] and body["message"]
+
+    async def database_back() -> bool:
+        async with http.get(f"{gateway.url}/readyz") as response:
+            body = await response.json()
+            return bool(body["checks"]["database"] == "ok")
+
+    assert await wait_for(database_back, 30)
+    async with http.get(f"{gateway.url}/api/external/customers/{user}") as response:
+        assert response.status == 200
 
 
 async def test_postgres_down_requests_get_202_and_apply_in_order_when_it_returns(

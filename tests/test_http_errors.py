@@ -252,7 +252,7 @@ async def test_body_just_under_the_limit_is_not_413(http: aiohttp.ClientSession,
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/api/external/customer"), ("POST", "/api/external/customers/1"), ("GET", "/"),
+    [("POST", "/api/external/customer"), ("POST", "/api/external/customers/1/x"), ("GET", "/"),
      ("GET", "/api/external/unknown"), ("POST", "/api/internal/customers")],
 )
 async def test_unknown_path_is_404_in_the_same_shape(

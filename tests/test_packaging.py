@@ -126,9 +126,10 @@ def test_compose_defines_postgres_rabbitmq_migrate_gateway_and_worker(services: 
 @pytest.mark.parametrize(("name", "probe"), [
     ("postgres", "pg_isready"),
     ("rabbitmq", "rabbitmq-diagnostics"),
-    ("gateway", "/healthz"),
+    ("gateway", "/readyz"),
+    ("worker", "--check"),
 ])
-def test_postgres_rabbitmq_and_gateway_have_healthchecks(
+def test_every_long_running_service_has_a_healthcheck(
     services: dict[str, dict[str, Any]], name: str, probe: str
 ) -> None:
     check = services[name].get("healthcheck")
@@ -143,7 +144,7 @@ def test_gateway_healthcheck_needs_no_curl(services: dict[str, dict[str, Any]]) 
     test = services["gateway"]["healthcheck"]["test"]
     text = " ".join(test) if isinstance(test, list) else str(test)
     assert "curl" not in text and "wget" not in text
-    assert "python" in text and ":3000/healthz" in text
+    assert "python" in text and ":3000/readyz" in text
 
 
 def test_gateway_publishes_port_3000(services: dict[str, dict[str, Any]]) -> None:

@@ -31,10 +31,12 @@ from pydantic import ValidationError
 from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
 from shared.errors import PermanentError, is_transient
 from shared.settings import Settings
+from shared.timeline import Timeline
 from shared.topology import Topology
 from worker.batch import Inbox
 from worker.deadletter import dead_letter_message
-from worker.repository import Request, apply_batch
+from worker.metrics import WorkerMetrics
+from worker.repository import Request, apply_batch, record_failure
 
 log = logging.getLogger("worker.consumer")
 
@@ -77,6 +79,8 @@ class WorkItem:
 
 # Whole-batch retries of a transient error before checking whether the database itself is fine.
 SUSPECT_BATCH_AFTER = 3
+# Seconds between two log lines about requests stamped in the future (each is counted).
+FUTURE_STAMP_LOG_INTERVAL = 10.0
 # Quick retries of a lone request that hit a conflict (unique violation, deadlock) before it counts as failing.
 RACE_RETRIES = 3
 
@@ -99,10 +103,14 @@ class Consumer:
     # are not: a lost reply only turns the gateway's answer into a 202.
     publish_channel: AbstractChannel
     reply_channel: AbstractChannel
+    timeline: Timeline
+    metrics: WorkerMetrics
     inbox: Inbox = field(default_factory=Inbox)
     unsettled: set[Delivery] = field(default_factory=set)
     _retry_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    future_stamps: int = 0
+    _future_stamps_logged_at: float = -FUTURE_STAMP_LOG_INTERVAL
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -126,6 +134,7 @@ class Consumer:
             return
         self._track(delivery)
         items = [self._work_item(raw, delivery) for raw in raws]
+        self._check_stamps(items)
         for item in items:
             if item.request is None:
                 self._schedule_retry(item, item.invalid or PermanentError("invalid request"))
@@ -139,6 +148,26 @@ class Consumer:
         except (ValidationError, PermanentError) as exc:
             error = exc if isinstance(exc, PermanentError) else PermanentError(f"invalid envelope: {exc}")
             return WorkItem(raw, delivery, None, invalid=error)
+
+    def _check_stamps(self, items: list[WorkItem]) -> None:
+        """Detection: a request stamped further in the future than the bound comes from a process that does
+        not stamp on the shared timeline (its gateway never reached the database and uses its wall clock).
+        Logged at most every few seconds, counted always."""
+        if not self.timeline.synchronized:
+            return
+        limit = self.timeline.now_us() + self.timeline.bound_us
+        for item in items:
+            if item.request is not None and item.request.envelope.stamp > limit:
+                self.future_stamps += 1
+                self.metrics.count_future_stamp()
+                now = time.monotonic()
+                if now - self._future_stamps_logged_at >= FUTURE_STAMP_LOG_INTERVAL:
+                    self._future_stamps_logged_at = now
+                    ahead_ms = (item.request.envelope.stamp - self.timeline.now_us()) / 1000
+                    log.warning("request %s is stamped %.1f ms in the future (beyond CLOCK_SKEW_BOUND_MS): its "
+                                "gateway's clock is not synchronised with the database (%d such requests so far)",
+                                item.request_id, ahead_ms, self.future_stamps,
+                                extra={"request_id": item.request_id})
 
     def _track(self, delivery: Delivery) -> None:
         self.unsettled.add(delivery)
@@ -178,6 +207,7 @@ class Consumer:
                         delay = backoff(attempt, self.settings.retry_base_delay, self.settings.retry_max_delay)
                         log.warning("transient database error (%s: %s); retrying %d requests in %.1fs",
                                     exc.__class__.__name__, exc, len(items), delay)
+                        self.metrics.count_transient_retry(len(items))
                         await asyncio.sleep(delay)
                         continue
                 if len(items) > 1:
@@ -188,7 +218,9 @@ class Consumer:
                     return
                 if isinstance(exc, _SPLIT_ON) and attempt < RACE_RETRIES:
                     # Most likely a race lost to another worker: the retry sees the winner's row and decides.
-                    log.info("request %s: %s, retrying", items[0].request_id, exc.__class__.__name__)
+                    log.info("request %s: %s, retrying", items[0].request_id, exc.__class__.__name__,
+                             extra={"request_id": items[0].request_id})
+                    self.metrics.count_transient_retry()
                     await asyncio.sleep(backoff(attempt, 0.05, 1.0))
                     continue
                 self._schedule_retry(items[0], exc)
@@ -209,9 +241,20 @@ class Consumer:
     async def _apply_in_db(self, items: list[WorkItem]) -> list[Outcome]:
         window = dt.timedelta(hours=self.settings.idempotency_window_hours)
         started = time.perf_counter()
+        duplicates: set[str] = set()
         async with self.pool.acquire() as conn:
-            outcomes = await apply_batch(conn, [item.request for item in items if item.request], window)
-        log.debug("applied %d requests in %.1f ms", len(items), (time.perf_counter() - started) * 1000)
+            outcomes = await apply_batch(conn, [item.request for item in items if item.request], window,
+                                         duplicates)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_batch(len(items), elapsed)
+        for outcome in outcomes:
+            if outcome.request_id in duplicates:
+                self.metrics.count_applied("duplicate")
+            elif outcome.status != "failed":
+                self.metrics.count_applied(outcome.status)
+        if duplicates:
+            self.metrics.count_redelivery_deduplicated(len(duplicates))
+        log.debug("applied %d requests in %.1f ms", len(items), elapsed * 1000)
         return outcomes
 
     # ---- poison requests ----------------------------------------------------------------------------
@@ -225,7 +268,8 @@ class Consumer:
         else:
             delay = backoff(item.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
             log.warning("request %s failed (attempt %d/%d: %s: %s); retrying in %.1fs", item.request_id,
-                        item.attempts, self.settings.max_attempts, exc.__class__.__name__, exc, delay)
+                        item.attempts, self.settings.max_attempts, exc.__class__.__name__, exc, delay,
+                        extra={"request_id": item.request_id})
             task = asyncio.create_task(self._retry_after(item, delay))
         self._retry_tasks.add(task)
         task.add_done_callback(self._retry_tasks.discard)
@@ -257,14 +301,29 @@ class Consumer:
                 )
                 break
             except Exception as publish_error:  # broker trouble: the item stays unacked until it works
-                log.warning("dead-lettering %s failed (%s); retrying", item.request_id, publish_error)
+                log.warning("dead-lettering %s failed (%s); retrying", item.request_id, publish_error,
+                            extra={"request_id": item.request_id})
                 await asyncio.sleep(1.0)
-        log.error("request %s dead-lettered after %d attempts: %s", item.request_id, item.attempts, exc)
+        log.error("request %s dead-lettered after %d attempts: %s", item.request_id, item.attempts, exc,
+                  extra={"request_id": item.request_id})
+        self.metrics.count_dead_lettered()
+        reason = f"{exc.__class__.__name__}: {exc}"[:500]
+        if item.request_id:
+            await self._record_failure(item.request_id, item.user_id, reason)
         failed = None
         if item.request_id and item.user_id:
-            failed = Outcome(request_id=item.request_id, user_id=item.user_id, status="failed",
-                             error=f"{exc.__class__.__name__}: {exc}"[:500])
+            failed = Outcome(request_id=item.request_id, user_id=item.user_id, status="failed", error=reason)
         await self._settle([item], [failed] if failed else [])
+
+    async def _record_failure(self, request_id: str, user_id: str | None, reason: str) -> None:
+        """Best effort: the dead letter is what counts; this row only feeds the request-status endpoint."""
+        try:
+            async with asyncio.timeout(5):
+                async with self.pool.acquire() as conn:
+                    await record_failure(conn, request_id, user_id, reason)
+        except Exception as exc:
+            log.warning("could not record the failure of %s (%s); its status stays pending", request_id, exc,
+                        extra={"request_id": request_id})
 
     # ---- replies and acks ---------------------------------------------------------------------------
 

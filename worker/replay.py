@@ -9,7 +9,8 @@ unacked; those chosen are re-published (confirmed) and then acked, the others go
 closes — a classic queue puts returned messages back at their original position, so order is kept.
 
 Replays keep the request id and the original write stamp: a replayed request never overwrites a field
-that a newer request has set since (per-field stamps). ``--force`` gives it a fresh stamp instead.
+that a newer request has set since (per-field stamps). ``--force`` gives it a fresh stamp instead, on the same
+shared timeline as every gateway's (the database clock, ``shared.timeline``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from shared.cli import describe_amqp_error, describe_unexpected, entry_point_parser, load_settings_or_exit, mask_url
+from shared.logs import configure_logging, mask_payload, mask_text
 from shared.settings import Settings
 from shared.stamps import HybridClock
-from shared.topology import Topology
+from shared.timeline import SAMPLES_PER_SYNC, Timeline
+from shared.topology import Topology, TopologyMismatch
 from worker import deadletter as dl
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 1
@@ -122,12 +126,14 @@ class DeadLetter:
     def summary(self, show_pii: bool) -> dict[str, Any]:
         payload = (self.envelope or {}).get("payload")
         if isinstance(payload, dict) and not show_pii:
-            payload = mask_pii(payload)
+            payload = mask_payload(payload)  # phones, WeChat id and name
+        reason = self.reason if show_pii else mask_text(self.reason)  # database errors may quote values
         return {
             "requestId": self.request_id,
             "userId": self.user_id,
-            "reason": self.reason,
-            "exception": self.headers.get(dl.H_EXCEPTION),
+            "reason": reason,
+            "exception": self.headers.get(dl.H_EXCEPTION) if show_pii else mask_text(
+                str(self.headers.get(dl.H_EXCEPTION) or "")) or None,
             "attempts": self.headers.get(dl.H_ATTEMPTS),
             "firstFailureAt": self.headers.get(dl.H_FIRST_FAILURE),
             "lastFailureAt": self.headers.get(dl.H_LAST_FAILURE),
@@ -137,18 +143,6 @@ class DeadLetter:
             "payload": payload if self.envelope is not None else None,
             **({"requestIds": self.request_ids} if len(self.envelopes) > 1 else {}),
         }
-
-
-def mask_phone(phone: str) -> str:
-    return phone[:3] + "*" * max(0, len(phone) - 7) + phone[-4:] if len(phone) > 7 else "*" * len(phone)
-
-
-def mask_pii(payload: dict[str, Any]) -> dict[str, Any]:
-    masked = dict(payload)
-    for key in ("phone", "backup_phone"):
-        if isinstance(masked.get(key), str):
-            masked[key] = mask_phone(masked[key])
-    return masked
 
 
 class DeadLetterQueue:
@@ -164,9 +158,14 @@ class DeadLetterQueue:
         try:
             self.connection = await asyncio.wait_for(aio_pika.connect(self.settings.amqp_url), timeout=15)
         except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-            raise Unreachable(f"cannot connect to RabbitMQ ({_safe_url(self.settings.amqp_url)}): {exc}") from exc
+            raise Unreachable(describe_amqp_error(exc, self.settings.amqp_url)) from exc
         # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:  # replays are routed by SHARD_COUNT: it must be the one the workers consume
+            await self.topology.check_against_broker(self.channel)
+        except TopologyMismatch as exc:
+            await self.connection.close()
+            raise Unreachable(str(exc)) from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -205,6 +204,33 @@ class DeadLetterQueue:
         return routing_key
 
 
+async def fresh_stamp_clock(settings: Settings) -> HybridClock:
+    """A clock on the shared timeline (the database's clock, like every gateway's) for ``--force``.
+
+    It also observes the newest field stamp stored, so a forced replay wins even over a write stamped by a
+    gateway that was running ahead of the timeline (one that never reached the database, see README).
+    """
+    timeline = Timeline.from_settings(settings)
+    try:
+        await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=15)
+        conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), timeout=15)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise Unreachable(f"cannot connect to PostgreSQL ({_safe_url(settings.database_url)}): {exc}") from exc
+    finally:
+        await timeline.stop()
+    try:
+        newest = await conn.fetchval(NEWEST_FIELD_STAMP)
+    finally:
+        await conn.close()
+    clock = timeline.clock
+    clock.observe(int(newest or 0))
+    return clock
+
+
+# The newest write stamp of any stored field (a sequential scan, fine for an operator's one-off replay).
+NEWEST_FIELD_STAMP = "SELECT max(value::bigint) FROM customers, jsonb_each_text(field_stamps)"
+
+
 async def record_audit(settings: Settings, actor: str, action: str, filters: dict[str, Any],
                        request_ids: Sequence[str], outcome: str) -> None:
     try:
@@ -212,11 +238,15 @@ async def record_audit(settings: Settings, actor: str, action: str, filters: dic
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise Unreachable(f"cannot connect to PostgreSQL ({_safe_url(settings.database_url)}): {exc}") from exc
     try:
-        await conn.execute(
-            "INSERT INTO dead_letter_audit (actor, action, filters, request_ids, outcome)"
-            " VALUES ($1, $2, $3::jsonb, $4, $5)",
-            actor, action, orjson.dumps(filters).decode(), list(request_ids), outcome,
-        )
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO dead_letter_audit (actor, action, filters, request_ids, outcome)"
+                " VALUES ($1, $2, $3::jsonb, $4, $5)",
+                actor, action, orjson.dumps(filters).decode(), list(request_ids), outcome,
+            )
+            if action == "replay":  # back on a shard: "pending" again until a worker applies it
+                await conn.execute("DELETE FROM failed_requests WHERE request_id = ANY($1::text[])",
+                                   list(request_ids))
     finally:
         await conn.close()
 
@@ -232,10 +262,7 @@ async def check_database(settings: Settings) -> None:
 
 def _safe_url(url: str) -> str:
     """The URL without its password, for error messages."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}{parts.path}"
+    return mask_url(url)
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,6 +291,8 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     if not args.dry_run:
         await check_database(settings)
     clock = HybridClock()
+    if args.force and not args.dry_run:
+        clock = await fresh_stamp_clock(settings)
     done: list[str] = []
     skipped = failed = 0
     async with DeadLetterQueue(settings) as dlq:
@@ -314,10 +343,7 @@ async def cmd_drop(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.replay",
-        description="Inspect, replay or drop dead-lettered customer requests.",
-    )
+    parser = entry_point_parser("python -m worker.replay", "Inspect, replay or drop dead-lettered customer requests.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,replay,drop}")
 
     listing = commands.add_parser("list", help="list dead letters, oldest first (changes nothing)")
@@ -325,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--user-id", help="only this userId")
     listing.add_argument("--reason", help="only those whose error contains TEXT (case-insensitive)")
     listing.add_argument("--limit", type=int, help="at most N dead letters")
-    listing.add_argument("--show-pii", action="store_true", help="show phone numbers unmasked")
+    listing.add_argument("--show-pii", action="store_true", help="show phones, WeChat ids and names unmasked")
 
     default_actor = os.environ.get("USER") or getpass.getuser()
     for name, help_text in (("replay", "put dead letters back on their shard queue"),
@@ -348,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
-    # The tool reports connection problems itself, in one "error:" line; the AMQP libraries stay quiet.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    settings = load_settings_or_exit()
+    # Log lines go to stderr (stdout is the tool's output), masked like every process's; the tool reports
+    # connection problems itself, in one "error:" line, so the AMQP libraries stay quiet.
+    configure_logging(settings, "replay", stream=sys.stderr)
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     for name in ("aiormq", "aio_pika"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     command = {"list": cmd_list, "replay": cmd_replay, "drop": cmd_drop}[args.command]
@@ -358,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(command(settings, args))
     except Unreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (OSError, aio_pika.exceptions.AMQPError, asyncpg.PostgresError) as exc:  # lost midway: still one line
+        print(f"error: {describe_unexpected(exc, settings)}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 

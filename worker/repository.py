@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from shared.envelope import Outcome, OutcomeStatus, RequestEnvelope
-from shared.model import CustomerIn
+from shared.model import CustomerIn, wire_name
 from worker.merge import FIELDS, CustomerState
 
 
@@ -171,9 +171,14 @@ def _state_from_row(row: asyncpg.Record) -> CustomerState:
 
 
 async def apply_batch(
-    conn: asyncpg.Connection, requests: Sequence[Request], idempotency_window: dt.timedelta
+    conn: asyncpg.Connection, requests: Sequence[Request], idempotency_window: dt.timedelta,
+    duplicates: set[str] | None = None,
 ) -> list[Outcome]:
-    """Apply ``requests`` in one transaction; return one outcome per request, in input order."""
+    """Apply ``requests`` in one transaction; return one outcome per request, in input order.
+
+    ``duplicates``, when given, receives the ids of requests that had been applied before (redeliveries,
+    replays): their outcome is the first application's, and nothing was written for them now.
+    """
     outcomes: list[Outcome | None] = [None] * len(requests)
     user_ids = sorted({r.envelope.user_id for r in requests})
     keys = sorted({r.envelope.idempotency_key for r in requests if r.envelope.idempotency_key})
@@ -207,6 +212,8 @@ async def apply_batch(
             envelope, customer = requests[index].envelope, requests[index].customer
             earlier = processed.get(envelope.request_id)
             if earlier is not None:  # a redelivery: answer what the first application answered
+                if duplicates is not None:
+                    duplicates.add(envelope.request_id)
                 outcomes[index] = Outcome(
                     request_id=envelope.request_id, user_id=envelope.user_id,
                     status=earlier["outcome"], id=earlier["customer_id"],
@@ -235,6 +242,7 @@ async def apply_batch(
             state = states.get(envelope.user_id)
             owner = phone_owner.get(customer.phone) if customer.phone else None
             status: OutcomeStatus
+            lost: list[str] = []
             if owner is not None and owner != envelope.user_id:
                 status = "phone_taken"
             else:
@@ -242,7 +250,10 @@ async def apply_batch(
                 if state is None:
                     state = states[envelope.user_id] = CustomerState.new(envelope.user_id)
                 old_phone = state.values["phone"]
-                state.apply(customer.provided_fields(), envelope.stamp)
+                provided = customer.provided_fields()
+                lost = state.apply(provided, envelope.stamp)
+                if lost and len(lost) == len(provided):
+                    status = "superseded"  # every provided field had a newer write: nothing changed
                 if state.values["phone"] != old_phone:
                     if old_phone is not None:
                         phone_owner.pop(old_phone, None)
@@ -251,6 +262,7 @@ async def apply_batch(
                 request_id=envelope.request_id, user_id=envelope.user_id, status=status,
                 id=state.id if state is not None else None,
                 error="手机号已存在，已被其他客户使用" if status == "phone_taken" else None,
+                superseded=[wire_name(name) for name in lost] or None,
             )
             recorded.append((index, state))
             if key is not None:
@@ -283,9 +295,22 @@ async def apply_batch(
     # in-batch duplicates that copied an outcome before the ids were known).
     for request, outcome in zip(requests, outcomes, strict=True):
         assert outcome is not None
-        if outcome.id is None and outcome.status in ("created", "updated"):
+        if outcome.id is None and outcome.status in ("created", "updated", "superseded"):
             outcome.id = states[request.envelope.user_id].id
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+RECORD_FAILURE = """
+INSERT INTO failed_requests (request_id, user_id, error) VALUES ($1, $2, $3)
+ON CONFLICT (request_id) DO UPDATE SET error = EXCLUDED.error, failed_at = now()
+"""
+
+DELETE_EXPIRED_FAILED = "DELETE FROM failed_requests WHERE failed_at < now() - make_interval(secs => $1)"
+
+
+async def record_failure(conn: asyncpg.Connection, request_id: str, user_id: str | None, error: str) -> None:
+    """Remember that ``request_id`` was dead-lettered and why (read by the gateway's request status)."""
+    await conn.execute(RECORD_FAILURE, request_id, user_id, error)
 
 
 async def delete_expired_processed(conn: asyncpg.Connection, retention: dt.timedelta) -> int:
@@ -296,4 +321,6 @@ async def delete_expired_processed(conn: asyncpg.Connection, retention: dt.timed
         deleted = int(result.split()[-1])
         total += deleted
         if deleted < CLEANUP_CHUNK:
-            return total
+            break
+    await conn.execute(DELETE_EXPIRED_FAILED, retention.total_seconds())
+    return total

@@ -1,8 +1,9 @@
 """Worker lifecycle: open and check connections, consume, drain on SIGTERM, close.
 
-start():  Postgres pool (+ migrations) -> robust AMQP connection -> topology -> appliers -> consumers
+start():  Postgres pool (+ migrations) -> database clock (shared/timeline.py) -> robust AMQP connection ->
+          topology -> appliers -> consumers
 stop():   cancel consumers (stop taking work) -> wait for in-flight packs up to the deadline ->
-          cancel the rest (left unacked: the broker redelivers them) -> close AMQP -> close the pool
+          cancel the rest (left unacked: the broker redelivers them) -> close AMQP -> close the pool and clock
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustCon
 
 from shared.migrate import apply_migrations
 from shared.settings import Settings
+from shared.timeline import Timeline
 from shared.topology import Topology
 from worker.consumer import Consumer
+from worker.metrics import WorkerMetrics, metrics_server
 from worker.repository import create_pool, delete_expired_processed
 
 log = logging.getLogger("worker")
@@ -32,6 +35,12 @@ class Worker:
         self.settings = settings
         self.topology = Topology.from_settings(settings)
         self.pool: asyncpg.Pool | None = None
+        # The worker reads the shared timeline only to spot requests stamped in the future (a gateway whose
+        # clock is not synchronised with the database).
+        self.timeline = Timeline.from_settings(settings)
+        self.metrics = WorkerMetrics()
+        self.metrics.clock.follow_timeline(self.timeline)
+        self.metrics_server = metrics_server(settings, self.metrics)
         self.connection: AbstractRobustConnection | None = None
         # Strong references: aio-pika only restores channels and consumers that are still alive.
         self.consume_channel: AbstractRobustChannel | None = None
@@ -49,6 +58,9 @@ class Worker:
             if settings.migrate_on_start:
                 await apply_migrations(conn)
             await conn.fetchval("SELECT 1 FROM customers LIMIT 1")
+        await self.timeline.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()  # a taken METRICS_PORT fails start-up, like an unreachable broker
         self.connection = await aio_pika.connect_robust(settings.amqp_url, client_properties={
             "connection_name": "crm-worker"})
         # Dead letters: confirmed, and an unroutable one raises (so its pack is not acked).
@@ -59,7 +71,8 @@ class Worker:
         assert self.reply_channel is not None
         await self.consume_channel.set_qos(prefetch_count=settings.worker_prefetch)
         _, self.queues = await self.topology.declare(self.consume_channel)
-        self.consumer = Consumer(settings, self.topology, self.pool, self.publish_channel, self.reply_channel)
+        self.consumer = Consumer(settings, self.topology, self.pool, self.publish_channel, self.reply_channel,
+                                 self.timeline, self.metrics)
         self.tasks = [asyncio.create_task(self.consumer.run_applier()) for _ in range(settings.worker_concurrency)]
         self.tasks.append(asyncio.create_task(self._cleanup_loop()))
         for queue in self.queues:
@@ -85,6 +98,9 @@ class Worker:
             await self.connection.close()
         if self.pool is not None:
             await self.pool.close()
+        await self.timeline.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         log.info("worker stopped")
 
     async def _cleanup_loop(self) -> None:
