@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
 from shared.errors import PermanentError, is_transient
+from shared.logs import mask_text
 from shared.settings import Settings
 from shared.timeline import Timeline
 from shared.topology import Topology
@@ -307,7 +308,8 @@ class Consumer:
         log.error("request %s dead-lettered after %d attempts: %s", item.request_id, item.attempts, exc,
                   extra={"request_id": item.request_id})
         self.metrics.count_dead_lettered()
-        reason = f"{exc.__class__.__name__}: {exc}"[:500]
+        # Masked: the reason is shown by GET /api/external/requests/{id}, and database errors quote values.
+        reason = mask_text(f"{exc.__class__.__name__}: {exc}")[:500]
         if item.request_id:
             await self._record_failure(item.request_id, item.user_id, reason)
         failed = None
@@ -337,6 +339,11 @@ class Consumer:
             if reply_to and outcome is not None:
                 replies[reply_to].append(outcome)
         await asyncio.gather(*(self._reply(reply_to, batch) for reply_to, batch in replies.items()))
+        if log.isEnabledFor(logging.INFO):  # one line per request, carrying the gateway's request id
+            for outcome in by_request.values():
+                if outcome.status != "failed":  # a failure has its own "dead-lettered" line
+                    log.info("request %s", outcome.status, extra={
+                        "request_id": outcome.request_id, "user_id": outcome.user_id, "customer_id": outcome.id})
         for item in items:
             item.delivery.pending -= 1
             if item.delivery.pending == 0:
