@@ -16,7 +16,6 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,13 @@ def have_rabbitmqctl() -> bool:
 class Proc:
     """One of our processes (``python -m gateway`` / ``python -m worker``) with its log file."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path, wrapper: Sequence[str] = ()) -> None:
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        # wrapper: a command the process runs under, e.g. faketime to shift its clock.
         self.popen = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
 
     @property
@@ -92,10 +90,10 @@ class Proc:
 
 
 class Gateway(Proc):
-    def __init__(self, env: dict[str, str], log_path: Path, wrapper: Sequence[str] = ()) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__("gateway", env, log_path, wrapper)
+        super().__init__("gateway", env, log_path)
 
     def wait_healthy(self, timeout: float = 30) -> None:
         """Until GET /readyz answers 200 (the gateway can accept writes)."""
@@ -165,10 +163,10 @@ class Stack:
             worker.wait_consuming()
         return worker
 
-    def start_gateway(self, wait: bool = True, wrapper: Sequence[str] = (), **overrides: Any) -> Gateway:
+    def start_gateway(self, wait: bool = True, **overrides: Any) -> Gateway:
         n = sum(isinstance(p, Gateway) for p in self.procs) + 1
         overrides.setdefault("PORT", free_port())
-        gateway = Gateway(self.env(**overrides), self.log_dir / f"gateway-{n}.log", wrapper)
+        gateway = Gateway(self.env(**overrides), self.log_dir / f"gateway-{n}.log")
         self.procs.append(gateway)
         if wait:
             gateway.wait_healthy()

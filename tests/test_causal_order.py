@@ -8,6 +8,7 @@ so the shift must change nothing: the row ends with the last step, and every ans
 from __future__ import annotations
 
 import asyncio
+import glob
 import shutil
 import time
 from collections.abc import Callable
@@ -21,19 +22,21 @@ from tests.conftest import fetch_customer, post
 from tests.faults import postgres_down
 from tests.support import Proc, Stack, unique_user
 
-FAKETIME = shutil.which("faketime")
-needs_faketime = pytest.mark.skipif(FAKETIME is None, reason="libfaketime (Debian package faketime) not installed")
+# libfaketime, preloaded into the gateway process itself (not through the `faketime` wrapper, which forks: a
+# SIGTERM to the wrapper would leave the gateway running).
+LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))), None)
+needs_faketime = pytest.mark.skipif(LIBFAKETIME is None, reason="libfaketime (Debian package faketime) not installed")
 
 USERS = 100
 STEPS = 15
 
 
-def shifted(seconds: float) -> list[str]:
-    """Run a process with its wall clock shifted by ``seconds`` (its monotonic clock untouched)."""
+def shifted(seconds: float) -> dict[str, Any]:
+    """Environment that runs a process with its wall clock shifted by ``seconds`` (monotonic clock untouched)."""
     if seconds == 0:
-        return []
-    assert FAKETIME is not None
-    return [FAKETIME, "-m", "--exclude-monotonic", "-f", f"{seconds:+}"]
+        return {}
+    assert LIBFAKETIME is not None
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{seconds:+}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def wait_for_log(proc: Proc, text: str, timeout: float = 30) -> None:
@@ -80,8 +83,8 @@ async def test_a_later_write_wins_across_gateways_whose_clocks_are_skewed(
     stack = make_stack()
     for _ in range(3):
         stack.start_worker()
-    gateway_a = stack.start_gateway(wrapper=shifted(shift_a))
-    gateway_b = stack.start_gateway(wrapper=shifted(shift_b))
+    gateway_a = stack.start_gateway(**shifted(shift_a))
+    gateway_b = stack.start_gateway(**shifted(shift_b))
     users = [unique_user("skew") for _ in range(USERS)]
 
     answers = await alternate_updates([gateway_a.url, gateway_b.url], users, STEPS)
@@ -99,7 +102,7 @@ async def test_a_later_write_wins_across_gateways_whose_clocks_are_skewed(
 @needs_faketime
 async def test_a_gateway_whose_wall_clock_is_off_logs_it(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
-    gateway = stack.start_gateway(wrapper=shifted(-0.5))
+    gateway = stack.start_gateway(**shifted(-0.5))
     wait_for_log(gateway, "clock synchronised with the database")
     wait_for_log(gateway, "local wall clock is -50")  # "-500.x ms off the database clock"
     assert "off the database clock" in gateway.output()
@@ -113,9 +116,7 @@ async def test_without_the_database_at_start_a_gateway_stamps_with_its_wall_cloc
     worker = stack.start_worker()
     wait_for_log(worker, "clock synchronised with the database")
     # This gateway cannot reach Postgres (nothing listens on port 1) and its wall clock is 2 s ahead.
-    gateway = stack.start_gateway(
-        wrapper=shifted(+2.0), DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere"
-    )
+    gateway = stack.start_gateway(**shifted(+2.0), DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")
     wait_for_log(gateway, "stamping with the local wall clock")
     user = unique_user("future")
     status, body = await post(http, f"{gateway.url}/api/external/customers", {"userId": user, "name": "x"})
@@ -191,7 +192,7 @@ async def test_during_a_postgres_outage_skewed_gateways_keep_accepting_and_order
     stack = make_stack(RPC_TIMEOUT="1.5")
     stack.start_worker()
     gateway_a = stack.start_gateway()
-    gateway_b = stack.start_gateway(wrapper=shifted(-0.5))
+    gateway_b = stack.start_gateway(**shifted(-0.5))
     for gateway in (gateway_a, gateway_b):
         wait_for_log(gateway, "clock synchronised with the database")
     users = [unique_user("outage") for _ in range(10)]
