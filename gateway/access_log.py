@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shared.logs import client_request_id_var, request_id_var
+from shared.logs import client_request_id_var, log_event, request_id_var
 
 log = logging.getLogger("gateway.access")
 
@@ -45,7 +45,7 @@ def access_log(request: web.Request, status: int, duration_s: float, request_id:
     client_request_id = client_request_id_var.get() or _client_request_id(request)
     if client_request_id is not None:
         extra["client_request_id"] = client_request_id
-    log.info("http request", extra=extra)
+    log_event(log, "http request", extra)  # one per request: the hot-path writer
 
 
 def _client_request_id(request: web.Request) -> str | None:

@@ -7,178 +7,28 @@ Flow of one record: ``log.info("request applied", extra={...})`` → ``RequestCo
 no phone number, recognisable WeChat id, URL password or bearer token leaves the process, wherever in the line
 it sits (message, extras, a quoted database error, a traceback).
 
-The masking functions are pure rules with no I/O, unit-tested directly and usable outside logging (the replay
-tool masks its output with ``mask_payload``).
+The masking rules live in ``shared.masking`` (re-exported here for the callers that mask what they log).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import IO, Any, Final, Protocol
 
 import orjson
 
-# ---- personal data and secrets -----------------------------------------------------------------------
+from shared.masking import _mask_extra, mask_name, mask_payload, mask_phone, mask_text, mask_wechat
 
-# No (?<![0-9]) here: a leading look-behind makes the scan ~10x slower; the callback checks that digit instead.
-_PHONE: Final = re.compile(r"1[3-9][0-9]{9}(?![0-9])")
-# Request and correlation ids (UUIDs, 32+ hex digits) can hold 11 digits in a row; a phone-like run inside one
-# is left alone, so masking never mangles the id an operator greps for.
-_HEX_ID: Final = re.compile(
-    r"(?<![0-9A-Za-z])(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-    r"|[0-9a-fA-F]{32,})(?![0-9A-Za-z])"
-)
-_HEX_OR_DASH: Final = frozenset("0123456789abcdefABCDEF-")
-
-_WECHAT_KEY: Final = r"(?<![A-Za-z0-9_])wechat(?:_?id)?"
-_WECHAT_PATTERNS: Final = (
-    # JSON or a Python dict repr, possibly escaped inside another JSON string: "wechat": "v", \"wechat\":\"v\"
-    # (no closing quote required: a value with a quote in it is still masked up to that quote)
-    re.compile(rf"(?i)(?P<q>\\?[\"']){_WECHAT_KEY}(?P=q)\s*:\s*\\?[\"'](?P<value>[^\"'\\]*)"),
-    # key=value text (our own text format, URLs, DSNs): wechat=v, wechat="v w"
-    re.compile(rf"(?i){_WECHAT_KEY}=(?:\"(?P<value>[^\"]*)\"|'(?P<value2>[^']*)'|(?P<value3>[^\s\"',;&)}}\]]+))"),
-    # free text such as "wechat: zhangsan123": only a value shaped like a WeChat id (letter, then 5-19 chars)
-    re.compile(rf"(?i){_WECHAT_KEY}\s*[:：]\s*(?P<value>[A-Za-z][-_A-Za-z0-9]{{5,19}})(?![-_A-Za-z0-9])"),
-    re.compile(r"微信号?\s*[:：=]\s*(?P<value>[^\s,，;；\"')]+)"),
-)
-# PostgreSQL error details name the columns, then the values: Key (bot_id, wechat)=(b1, zhangsan123) already ...
-_PG_KEY_DETAIL: Final = re.compile(r"Key \((?P<columns>[^()]*)\)=\((?P<values>.*?)\)(?= |\.|,|\\|\"|$)")
-# ... or dump the whole row (check / not-null violations): no column names, so the row is hidden entirely.
-_PG_FAILING_ROW: Final = re.compile(r"(Failing row contains \().*?(\))(?= *(?:\.|\\|\"|$))")
-_URL_PASSWORD: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s\"']*:)[^@\s\"']+(?=@)")
-_BEARER: Final = re.compile(r"(?i)(?P<head>\bbearer\s+)[A-Za-z0-9._~+/=-]+")
-_AUTHORIZATION: Final = re.compile(
-    r"(?i)(?P<head>\bauthorization\\?[\"']?\s*[:=]\s*\\?[\"']?(?:basic|token|digest)\s+)[^\s\"'\\,;]+"
-)
-_SECRET = "***"
-
-
-def mask_phone(phone: str) -> str:
-    """``13800138000`` → ``138****8000``: keep the first 3 and last 4 digits of anything longer than 7."""
-    if len(phone) <= 7:
-        return "*" * len(phone)
-    return phone[:3] + "*" * (len(phone) - 7) + phone[-4:]
-
-
-def mask_wechat(wechat: str) -> str:
-    """``zhangsan123`` → ``zh*******23``: at most the first 2 and last 2 characters, never more than half."""
-    kept = min(2, len(wechat) // 4)
-    if kept == 0:
-        return "*" * len(wechat)
-    return wechat[:kept] + "*" * (len(wechat) - 2 * kept) + wechat[-kept:]
-
-
-def mask_name(name: str) -> str:
-    """``张三`` → ``张*``: the family name stays, the rest is starred (a one-character name is starred)."""
-    if len(name) <= 1:
-        return "*" * len(name)
-    return name[0] + "*" * (len(name) - 1)
-
-
-_PAYLOAD_MASKS: Final = {"phone": mask_phone, "backup_phone": mask_phone, "wechat": mask_wechat, "name": mask_name}
-
-
-def mask_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a customer payload (wire names) with phone, backup_phone, wechat and name masked.
-
-    Other string values still go through ``mask_text`` (a phone typed into the notes is a phone), nested
-    mappings and lists are masked the same way.
-    """
-    return {key: _mask_value(key, value) for key, value in payload.items()}
-
-
-def _mask_value(key: str, value: Any) -> Any:
-    if isinstance(value, str):
-        rule = _PAYLOAD_MASKS.get(key)
-        return rule(value) if rule is not None else mask_text(value)
-    if isinstance(value, Mapping):
-        return mask_payload(value)
-    if isinstance(value, list | tuple):
-        return [_mask_value(key, item) for item in value]
-    if isinstance(value, int) and not isinstance(value, bool) and 13_000_000_000 <= value < 20_000_000_000:
-        return mask_phone(str(value))  # a phone sent as a JSON number
-    return value
-
-
-def _mask_extra(key: str, value: Any) -> Any:
-    """An ``extra=`` value, masked where the line-level pass could not do it (or would break the JSON)."""
-    if isinstance(value, str):  # free text is left to mask_text over the whole line
-        rule = _PAYLOAD_MASKS.get(key)
-        return value if rule is None else rule(value)
-    return _mask_value(key, value)  # phones sent as numbers, nested payloads
-
-
-def mask_text(text: str) -> str:
-    """``text`` with every phone number, recognisable WeChat id, URL password and auth token masked.
-
-    A phone is ``1[3-9]`` + 9 digits that is not part of a longer digit run (so 12-digit numbers, timestamps
-    and UUIDs stay readable). A WeChat id cannot be told from other words on its own, so it is masked where
-    its key names it: ``"wechat": "..."``, ``wechat=...``, ``wechat: ...``, ``微信: ...`` and PostgreSQL's
-    ``Key (wechat)=(...)``; a PostgreSQL ``Failing row contains (...)`` is hidden whole.
-    """
-    text = _PHONE.sub(_mask_phone_match, text)
-    lowered = text.lower()
-    if "wechat" in lowered or "微信" in text:
-        for pattern in _WECHAT_PATTERNS:
-            text = pattern.sub(_mask_wechat_match, text)
-    if "key (" in lowered:
-        text = _PG_KEY_DETAIL.sub(_mask_pg_key, text)
-    if "failing row" in lowered:
-        text = _PG_FAILING_ROW.sub(rf"\g<1>{_SECRET}\g<2>", text)
-    if "://" in text:
-        text = _URL_PASSWORD.sub(rf"\g<head>{_SECRET}", text)
-    if "bearer" in lowered:
-        text = _BEARER.sub(rf"\g<head>{_SECRET}", text)
-    if "authorization" in lowered:
-        text = _AUTHORIZATION.sub(rf"\g<head>{_SECRET}", text)
-    return text
-
-
-def _mask_phone_match(match: re.Match[str]) -> str:
-    text, (start, end) = match.string, match.span()
-    if start > 0 and "0" <= text[start - 1] <= "9":  # the tail of a longer digit run, not a phone
-        return match[0]
-    # Only the run of hex digits and dashes around the match can form an id: look for one there.
-    low, high = start, end
-    while low > 0 and text[low - 1] in _HEX_OR_DASH:
-        low -= 1
-    while high < len(text) and text[high] in _HEX_OR_DASH:
-        high += 1
-    if (low, high) != (start, end):
-        for hex_id in _HEX_ID.finditer(text, low, high):
-            if hex_id.start() <= start and end <= hex_id.end():
-                return match[0]
-    return mask_phone(match[0])
-
-
-def _mask_wechat_match(match: re.Match[str]) -> str:
-    groups = match.groupdict()
-    name = next(key for key in ("value", "value2", "value3") if groups.get(key) is not None)
-    start, end = match.span(name)
-    offset = match.start()
-    whole = match[0]
-    return whole[: start - offset] + mask_wechat(match[name]) + whole[end - offset :]
-
-
-def _mask_pg_key(match: re.Match[str]) -> str:
-    columns = [column.strip().lower() for column in match["columns"].split(",")]
-    if not any("wechat" in column for column in columns):
-        return match[0]
-    values = match["values"].split(", ")
-    if len(values) != len(columns):  # a value holds ", ": cannot tell them apart, hide them all
-        masked = _SECRET
-    else:
-        masked = ", ".join(
-            mask_wechat(value) if "wechat" in column else value for column, value in zip(columns, values, strict=True)
-        )
-    return f"Key ({match['columns']})=({masked})"
-
+__all__ = [
+    "bind_request", "client_request_id_var", "configure_logging", "log_event", "mask_name", "mask_payload",
+    "mask_phone", "mask_text", "mask_wechat", "parse_log_level", "request_id_var", "set_request_id",
+]
 
 # ---- request context --------------------------------------------------------------------------------
 
@@ -342,7 +192,75 @@ class LogSettings(Protocol):
 
 
 class _ServiceHandler(logging.StreamHandler[IO[str]]):
-    """Our handler on the root logger: a marker so a second ``configure_logging`` replaces, not doubles, it."""
+    """Our handler on the root logger (a marker, so a second ``configure_logging`` replaces it), buffered.
+
+    A write and a flush per line cost more than formatting it, at one line per request. So lines are collected
+    and written together: at once for WARNING and above (with everything before them, in order), otherwise
+    when ``FLUSH_LINES`` are waiting or by the flusher thread every ``FLUSH_INTERVAL`` seconds, and at exit.
+    What a ``kill -9`` can lose is the last fraction of a second of INFO lines.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._buffer_lock = threading.Lock()  # log_event writes here without the handler's own lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write_line(self.format(record), urgent=record.levelno >= logging.WARNING)
+        except Exception:
+            self.handleError(record)
+
+    def write_line(self, line: str, urgent: bool = False) -> None:
+        with self._buffer_lock:
+            self._pending.append(line)
+            if urgent or len(self._pending) >= FLUSH_LINES:
+                self._write_pending()
+
+    def flush(self) -> None:
+        with self._buffer_lock:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self.stream.write(text)
+        self.stream.flush()
+
+
+FLUSH_INTERVAL: Final = 0.2
+FLUSH_LINES: Final = 256
+_handler: _ServiceHandler | None = None
+_flusher: threading.Thread | None = None
+
+
+def _flush_forever() -> None:
+    while True:
+        time.sleep(FLUSH_INTERVAL)
+        handler = _handler
+        if handler is not None:
+            with contextlib.suppress(Exception):
+                handler.flush()
+
+
+def log_event(logger: logging.Logger, event: str, fields: dict[str, Any]) -> None:
+    """An INFO line for the hot path (one per request): the same line ``logger.info(event, extra=fields)``
+    writes, masked the same way, without the stdlib's per-record machinery (a LogRecord, filters, handler
+    lookup), which costs several times more than the line itself."""
+    handler = _handler
+    if handler is None or not logger.isEnabledFor(logging.INFO):
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, _ServiceFormatter)
+    line: dict[str, Any] = {
+        "ts": _timestamp(time.time()), "level": "info", "event": event, "service": formatter.service,
+        "logger": logger.name,
+    }
+    for key, value in fields.items():
+        if value is not None:
+            line[f"{key}_" if key in _BASE_KEYS else key] = _mask_extra(key, value)
+    handler.write_line(mask_text(formatter.render(line)))
 
 
 def configure_logging(settings: LogSettings, service: str, stream: IO[str] | None = None) -> None:
@@ -358,8 +276,19 @@ def configure_logging(settings: LogSettings, service: str, stream: IO[str] | Non
     handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     for previous in [h for h in root.handlers if isinstance(h, _ServiceHandler)]:
+        previous.flush()
         root.removeHandler(previous)
     root.addHandler(handler)
+    global _handler, _flusher
+    _handler = handler
+    if _flusher is None:
+        _flusher = threading.Thread(target=_flush_forever, name="log-flusher", daemon=True)
+        _flusher.start()
+    # The logging HOWTO's "Optimization": no caller frame lookup, no thread/process names (never printed).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root.setLevel(level)
     # aio-pika logs every reconnect attempt with a traceback; one line is enough.
     for noisy in ("aio_pika", "aiormq"):

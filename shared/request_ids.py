@@ -19,7 +19,9 @@ def new_request_id(now_ms: int) -> str:
     value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
     value = (value & ~(0xF << 76)) | (VERSION << 76)  # version nibble
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122/9562 variant
-    return str(uuid.UUID(int=value))
+    # str(uuid.UUID(int=value)) gives the same text at twice the cost (once per request).
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def request_id_time_ms(request_id: str) -> int | None:

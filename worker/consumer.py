@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
 from shared.errors import PermanentError, is_transient
-from shared.logs import mask_text
+from shared.logs import log_event, mask_text
 from shared.settings import Settings
 from shared.timeline import Timeline
 from shared.topology import Topology
@@ -339,11 +339,10 @@ class Consumer:
             if reply_to and outcome is not None:
                 replies[reply_to].append(outcome)
         await asyncio.gather(*(self._reply(reply_to, batch) for reply_to, batch in replies.items()))
-        if log.isEnabledFor(logging.INFO):  # one line per request, carrying the gateway's request id
-            for outcome in by_request.values():
-                if outcome.status != "failed":  # a failure has its own "dead-lettered" line
-                    log.info("request %s", outcome.status, extra={
-                        "request_id": outcome.request_id, "user_id": outcome.user_id, "customer_id": outcome.id})
+        for outcome in by_request.values():  # one line per request, carrying the gateway's request id
+            if outcome.status != "failed":  # a failure has its own "dead-lettered" line
+                log_event(log, f"request {outcome.status}", {
+                    "request_id": outcome.request_id, "user_id": outcome.user_id, "customer_id": outcome.id})
         for item in items:
             item.delivery.pending -= 1
             if item.delivery.pending == 0:

@@ -20,6 +20,7 @@ from gateway.access_log import access_log_middleware
 from shared.logs import (
     bind_request,
     configure_logging,
+    log_event,
     mask_name,
     mask_payload,
     mask_phone,
@@ -57,8 +58,14 @@ class Captured:
     def __init__(self) -> None:
         self.stream = io.StringIO()
 
+    def text(self) -> str:
+        """What was written, after flushing the handler's buffer (INFO lines are written in batches)."""
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        return self.stream.getvalue()
+
     def lines(self) -> list[str]:
-        return self.stream.getvalue().splitlines()
+        return self.text().splitlines()
 
     def records(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.lines()]
@@ -233,7 +240,7 @@ async def test_access_log_line_per_request_with_our_id_and_the_callers(capture: 
     assert isinstance(post_line["duration_ms"], float) and post_line["remote"] == "127.0.0.1"
     assert (boom_line["path"], boom_line["status"]) == ("/boom", 409) and "request_id" not in boom_line
     assert missing_line["status"] == 404 and "client_request_id" not in missing_line
-    assert PHONE not in captured.stream.getvalue()  # no body, no query string
+    assert PHONE not in captured.text()  # no body, no query string
 
 
 # ---- masking rules ----------------------------------------------------------------------------------
@@ -348,3 +355,34 @@ def test_parse_log_level_rejects_anything_else_with_one_clear_message(text: str)
 def test_configure_logging_refuses_a_bad_level(capture: Callable[..., Captured]) -> None:
     with pytest.raises(ValueError, match="LOG_LEVEL"):
         capture(level="verbose")
+
+
+# ---- buffering and the hot-path line -----------------------------------------------------------------
+
+
+def test_info_lines_are_buffered_and_a_warning_writes_them_in_order(capture: Callable[..., Captured]) -> None:
+    captured = capture()
+    log = logging.getLogger("crm.test")
+    log.info("first")
+    assert captured.stream.getvalue() == ""  # not written yet: lines go out in batches
+    log.warning("second")
+    assert [line["event"] for line in map(orjson.loads, captured.stream.getvalue().splitlines())] == [
+        "first", "second"]
+
+
+def test_log_event_writes_the_same_line_as_logger_info(capture: Callable[..., Captured]) -> None:
+    captured = capture()
+    log = logging.getLogger("gateway.access")
+    fields = {"method": "POST", "status": 200, "request_id": "r1", "path": f"/x/{PHONE}", "remote": None}
+    log_event(log, "http request", fields)
+    log.info("http request", extra={k: v for k, v in fields.items() if v is not None})
+    fast, slow = captured.records()
+    assert fast.keys() == slow.keys()
+    assert {k: v for k, v in fast.items() if k != "ts"} == {k: v for k, v in slow.items() if k != "ts"}
+    assert PHONE not in captured.text()
+
+
+def test_log_event_respects_the_level(capture: Callable[..., Captured]) -> None:
+    captured = capture(level="WARNING")
+    log_event(logging.getLogger("gateway.access"), "http request", {"status": 200})
+    assert captured.lines() == []
