@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.keys import IN_FLIGHT
+from gateway.state import IN_FLIGHT
 from shared.cli import (
     StartupError,
     describe_listen_error,

@@ -19,10 +19,10 @@ from gateway.docs import DOCS, DOCS_ASSETS_ROUTE, docs_asset, docs_page, load_do
 from gateway.errors import error_middleware
 from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
-from gateway.keys import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
 from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
 from gateway.request_status import get_request_status
 from gateway.rpc import RpcClient
+from gateway.state import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
 from gateway.store import ReadStore
 from shared.settings import Settings
 from shared.timeline import Timeline

@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
-from gateway.keys import METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
+from gateway.state import METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
 from shared.envelope import RequestEnvelope, body_hash
 from shared.errors import (
     BodyTooLarge,

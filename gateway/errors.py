@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.access_log import REQUEST_ID_HEADER
-from gateway.keys import REQUEST_ID, SETTINGS
 from gateway.responses import json_response
+from gateway.state import REQUEST_ID, SETTINGS
 from shared.errors import (
     BodyTooLarge,
     ClientError,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import responses
-from gateway.keys import METRICS, RPC, TIMELINE
+from gateway.state import METRICS, RPC, TIMELINE
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -38,7 +38,7 @@ class InFlight:
 @web.middleware
 async def track_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost middleware: a request counts until its response is fully written."""
-    from gateway.keys import IN_FLIGHT  # keys imports this module
+    from gateway.state import IN_FLIGHT  # keys imports this module
 
     in_flight = request.app[IN_FLIGHT]
     in_flight.enter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import responses
-from gateway.keys import STORE, TIMELINE
+from gateway.state import STORE, TIMELINE
 from shared.errors import RequestNotFound
 
 

@@ -38,8 +38,8 @@ from gateway.docs import (
 )
 from gateway.errors import error_middleware
 from gateway.inflight import InFlight, track_in_flight
-from gateway.keys import IN_FLIGHT, SETTINGS
 from gateway.openapi import SPEC_EXAMPLES, build_openapi, external_operations
+from gateway.state import IN_FLIGHT, SETTINGS
 from shared.errors import (
     BodyTooLarge,
     ClientError,

@@ -1,4 +1,4 @@
-"""Typed keys of what the gateway application holds."""
+"""Typed keys of what the gateway application holds (its state: settings, clients, counters)."""
 
 from __future__ import annotations
 
