@@ -3,7 +3,8 @@
 Flow: ``access_log_middleware`` (outermost) binds the caller's ``X-Request-Id`` as ``client_request_id`` →
 the handler binds our own id with ``shared.logs.set_request_id`` once it has made one → every line logged
 while handling the request (the error middleware's too) carries both → after the response, one
-``http request`` line with method, path, status, duration, both ids and the peer → both ids are unbound.
+``http request`` line with method, path, status, duration, both ids, the peer and the API key's *name*
+(``gateway.auth`` sets it; never the key) → both ids are unbound.
 
 The caller's id is logged, never used as ours (it need not be unique). No body and no query string is logged.
 """
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.state import API_KEY_NAME
 from shared.logs import client_request_id_var, log_event, request_id_var
 
 log = logging.getLogger("gateway.access")
@@ -38,6 +40,7 @@ def access_log(request: web.Request, status: int, duration_s: float, request_id:
         "status": status,
         "duration_ms": round(duration_s * 1000, 3),
         "remote": request.remote,
+        "api_key": request.get(API_KEY_NAME),  # the configured name; absent (None) when keys are off
     }
     request_id = request_id or request_id_var.get()
     if request_id is not None:

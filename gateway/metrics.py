@@ -7,6 +7,8 @@ publish (``count_publish``, ``observe_pack``); the broker-connection code flips 
 Labels stay bounded: ``route`` is the route template (``/api/external/customers/{userId}``, never the path) or
 ``unmatched``; ``method`` is one of the HTTP methods or ``other``; outcomes and results are fixed lists, with
 every series created at 0 so that ``rate()`` and alerts see them before the first event.
+``key`` is the name of a configured API key (or ``anonymous`` when keys are off), set by ``gateway.auth`` and
+``gateway.ratelimit``: bounded by the keys file, and never the key itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ RPC_OUTCOMES: Final = frozenset(
 PUBLISH_RESULTS: Final = frozenset({"confirmed", "failed"})
 HTTP_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED: Final = "unmatched"
+AuthFailure = Literal["missing", "invalid"]
+AUTH_FAILURES: Final[tuple[AuthFailure, ...]] = ("missing", "invalid")
+ANONYMOUS: Final = "anonymous"  # the key label of requests limited per client address (keys off)
 
 
 class GatewayMetrics:
@@ -82,10 +87,32 @@ class GatewayMetrics:
             "1 while the gateway can accept writes (broker connection, channel and reply consumer up), else 0",
             registry=registry,
         )
+        # API keys and rate limits: the key label is a configured key NAME (bounded by the keys file), never a key.
+        self.auth_failures = Counter(
+            "crm_gateway_auth_failures",
+            "Requests refused with 401 on a protected path: no key (missing) or a key not configured (invalid)",
+            ["reason"],
+            registry=registry,
+        )
+        self.authenticated = Counter(
+            "crm_gateway_authenticated_requests",
+            "Requests on a protected path carrying a configured API key, by key name",
+            ["key"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "crm_gateway_rate_limited",
+            "Requests refused with 429, by API key name (anonymous: keys off, limited per client address)",
+            ["key"],
+            registry=registry,
+        )
         self.clock = ClockMetrics(registry)
         # Every outcome's and result's series exists from the start at 0 (rate() and alerts see it at once).
         self._outcome_children = {outcome: self.outcomes.labels(outcome) for outcome in sorted(RPC_OUTCOMES)}
         self._publish_children = {result: self.publishes.labels(result) for result in sorted(PUBLISH_RESULTS)}
+        self._auth_failure_children = {reason: self.auth_failures.labels(reason) for reason in AUTH_FAILURES}
+        self._key_children: dict[str, Counter] = {}
+        self._limited_children: dict[str, Counter] = {}
         # Children looked up once per label set: the hot path then does a dict lookup, not labels().
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
@@ -106,6 +133,24 @@ class GatewayMetrics:
         child = self._outcome_children.get(outcome)
         if child is None:
             raise ValueError(f"unknown RPC outcome {outcome!r}")
+        child.inc()
+
+    def count_auth_failure(self, reason: AuthFailure) -> None:
+        """One request refused with 401: ``missing`` (no key sent) or ``invalid`` (not a configured key)."""
+        self._auth_failure_children[reason].inc()
+
+    def count_authenticated(self, key_name: str) -> None:
+        child = self._key_children.get(key_name)
+        if child is None:
+            child = self._key_children[key_name] = self.authenticated.labels(key_name)
+        child.inc()
+
+    def count_rate_limited(self, key_name: str | None) -> None:
+        """One request refused with 429; ``None``: no key (limited per client address), counted as anonymous."""
+        label = key_name or ANONYMOUS
+        child = self._limited_children.get(label)
+        if child is None:
+            child = self._limited_children[label] = self.rate_limited.labels(label)
         child.inc()
 
     def count_publish(self, confirmed: bool) -> None:

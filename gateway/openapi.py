@@ -6,8 +6,10 @@ response schemas, examples and error bodies are built from the code that produce
 messages, ``shared.errors`` classes, ``parse_customer``'s own error for a missing userId) → one dict, served
 as JSON by ``gateway.docs``.
 
-Authentication is not described yet. When it comes, it is one function: add ``components.securitySchemes``
-and a ``security`` requirement to every operation under ``EXTERNAL_API`` (see ``external_operations``).
+API keys and rate limits are described as configured (``describe_access``): with keys, the two security
+schemes (``Authorization: Bearer`` and ``X-API-Key``, so /docs can send a key), a ``security`` requirement and a
+401 answer on every protected operation (``external_operations``, plus /metrics and the docs when
+PROTECT_METRICS / PROTECT_DOCS); with keys or RATE_LIMIT, the 429 answer and its headers on the external API.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Final
 
 from gateway.responses import ACCEPTED_MESSAGE, CREATED_MESSAGE, SUPERSEDED_MESSAGE, UPDATED_MESSAGE
 from shared.errors import (
+    INVALID_KEY,
+    MISSING_KEY,
     BodyTooLarge,
     ClientError,
     IdempotencyKeyReused,
@@ -26,6 +30,8 @@ from shared.errors import (
     ProcessingFailed,
     RequestInvalid,
     ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from shared.model import CustomerIn, parse_customer
@@ -465,8 +471,63 @@ def _package_version() -> str:
         return "0.0.0"
 
 
+def describe_access(document: JsonDict, settings: Settings) -> None:
+    """Add the API keys' security schemes, requirements and 401s, and the rate limit's 429s, as configured."""
+    keys_on = bool(settings.api_keys_file.strip() or settings.api_keys.strip())
+    components = document["components"]
+    if keys_on:
+        components["securitySchemes"] = {
+            "bearerKey": {"type": "http", "scheme": "bearer", "description": "API密钥：Authorization: Bearer <key>"},
+            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "API密钥"},
+        }
+        unauthorized = {
+            **_error_response(
+                "缺少API密钥或密钥无效",
+                ("missingKey", _error_example(Unauthorized(MISSING_KEY))),
+                ("invalidKey", _error_example(Unauthorized(INVALID_KEY))),
+            ),
+            "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+        }
+        protected = list(external_operations(document))
+        paths = document["paths"]
+        if settings.protect_metrics:
+            protected.append(paths["/metrics"]["get"])
+        if settings.protect_docs:
+            protected += [paths["/openapi.json"]["get"], paths["/docs"]["get"]]
+        for operation in protected:
+            operation["security"] = [{"bearerKey": []}, {"apiKeyHeader": []}]  # either one
+            operation["responses"]["401"] = unauthorized
+    if keys_on or settings.rate_limit > 0:
+        field = "draft-ietf-httpapi-ratelimit-headers-11中的"
+        components["headers"]["RateLimitPolicy"] = {
+            "description": field + "配额策略，如\"default\";q=10;w=1（q个请求/w秒）", "schema": {"type": "string"}
+        }
+        components["headers"]["RateLimit"] = {
+            "description": field + "当前余量，如\"default\";r=3;t=1（剩余r个请求，t秒）", "schema": {"type": "string"}
+        }
+        too_many = {
+            **_error_response(
+                "超过频率限制（每个API密钥一个令牌桶，未配置密钥时按客户端地址）；按Retry-After重试",
+                ("rateLimited", _error_example(TooManyRequests("请求过于频繁，请1秒后重试", retry_after=1))),
+            ),
+            "headers": {
+                "Retry-After": _ref("headers", "RetryAfter"),
+                "RateLimit-Policy": _ref("headers", "RateLimitPolicy"),
+                "RateLimit": _ref("headers", "RateLimit"),
+            },
+        }
+        for operation in external_operations(document):
+            operation["responses"]["429"] = too_many
+
+
 def build_openapi(settings: Settings) -> JsonDict:
     """The whole OpenAPI 3.1 document (a JSON-ready dict)."""
+    document = _document(settings)
+    describe_access(document, settings)
+    return document
+
+
+def _document(settings: Settings) -> JsonDict:
     return {
         "openapi": "3.1.0",
         "info": {

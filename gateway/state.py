@@ -18,3 +18,7 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 STORE = web.AppKey("store", ReadStore)
 # Per request: our request id, once the handler made one (the error middleware puts it in X-Request-Id).
 REQUEST_ID = "crm_request_id"
+# Per request, once gateway.auth accepted its API key: the configured entry (name and limits, never the key)
+# and its name (for the envelope, the access log and the metrics).
+API_KEY = "crm_api_key"
+API_KEY_NAME = "crm_api_key_name"

@@ -38,6 +38,8 @@ class RequestEnvelope(BaseModel):
     idempotency_key: str | None = None
     body_hash: str | None = None
     replayed: bool = False
+    # The NAME of the API key the request came with (None with keys off); stored with the processed record.
+    api_key: str | None = None
 
     def customer(self) -> CustomerIn:
         """Re-validate the payload with the shared model; a mismatch is a permanent error."""

@@ -138,10 +138,14 @@ WITH upserted AS (
     RETURNING id, user_id
 ),
 recorded AS (
-    INSERT INTO processed_requests (request_id, user_id, customer_id, outcome, idempotency_key, body_hash)
-    SELECT r.request_id, r.user_id, COALESCE(r.customer_id, u.id), r.outcome, r.idempotency_key, r.body_hash
+    INSERT INTO processed_requests (
+        request_id, user_id, customer_id, outcome, idempotency_key, body_hash, api_key_name
+    )
+    SELECT r.request_id, r.user_id, COALESCE(r.customer_id, u.id), r.outcome, r.idempotency_key, r.body_hash,
+           r.api_key_name
     FROM json_to_recordset($2::json) AS r (
-        request_id text, user_id text, customer_id bigint, outcome text, idempotency_key text, body_hash text
+        request_id text, user_id text, customer_id bigint, outcome text, idempotency_key text, body_hash text,
+        api_key_name text
     )
     LEFT JOIN upserted AS u ON u.user_id = r.user_id AND r.outcome <> 'phone_taken'
     ON CONFLICT (request_id) DO NOTHING
@@ -283,6 +287,7 @@ async def apply_batch(
                     "request_id": envelope.request_id, "user_id": envelope.user_id,
                     "customer_id": state.id if state is not None else None, "outcome": outcome.status,
                     "idempotency_key": envelope.idempotency_key, "body_hash": envelope.body_hash,
+                    "api_key_name": envelope.api_key,
                 })
             # orjson writes dates as YYYY-MM-DD, which json_to_recordset reads back as date.
             written = await conn.fetch(

@@ -1,0 +1,118 @@
+"""Rate limits: the ``rate_limit`` middleware, a token bucket per API key name (per client address with keys off).
+
+Flow of one request on ``/api/external/*`` (nothing else is limited): its policy — the key's own
+``rate:burst`` from the keys file, else RATE_LIMIT / RATE_BURST, else none (no headers, no limit) → take a
+token from the client's bucket (``shared.token_bucket``) → none left: 429 in the spec's shape with
+``Retry-After`` (whole seconds until the next token, rounded up), built by ``gateway.errors.error_response``;
+otherwise the handler. Every answer of a limited request, 2xx and errors alike, carries the two fields of
+draft-ietf-httpapi-ratelimit-headers-11 (May 2026; same syntax since -08):
+
+    RateLimit-Policy: "default";q=<burst>;w=<ceil(burst / rate)>   burst requests per window: never more than
+                                                                  the rate on average, and all at once is fine
+    RateLimit: "default";r=<whole tokens left>;t=<seconds>         t: until the bucket is full again, or, when
+                                                                  r=0, until the next request is allowed (so
+                                                                  on a 429 t = Retry-After, as the draft's
+                                                                  section 6 asks)
+
+The limit is per gateway process: behind N gateways a client can get up to N times the rate and burst
+(less when a load balancer pins it to one). Per-address buckets are bounded (``MAX_CLIENTS``, idle ones
+dropped as soon as they are full again); per-key buckets are bounded by the keys file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+
+from gateway.errors import error_response
+from gateway.state import API_KEY, METRICS, SETTINGS
+from shared.apikeys import ApiKey
+from shared.errors import TooManyRequests
+from shared.settings import Settings
+from shared.token_bucket import BucketTable, Decision
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+LIMITED_PREFIX: Final = "/api/external/"
+MAX_CLIENTS: Final = 100_000  # buckets held at most (a few hundred bytes each)
+POLICY_NAME: Final = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    rate: float  # requests per second, > 0
+    burst: int  # bucket size, >= 1
+    header: str  # its RateLimit-Policy field value, built once
+
+    @classmethod
+    def of(cls, rate: float, burst: int) -> Policy | None:
+        """``rate`` requests/s with a bucket of ``burst`` (0: ceil(rate)); None when ``rate`` is 0 (no limit)."""
+        if rate <= 0:
+            return None
+        size = burst if burst > 0 else max(1, math.ceil(rate))
+        window = max(1, math.ceil(size / rate))
+        return cls(rate=rate, burst=size, header=f'"{POLICY_NAME}";q={size};w={window}')
+
+
+class RateLimiter:
+    """The default policy, per-key overrides (read from the key at hand: they rotate with the keys file)
+    and the buckets."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.default = Policy.of(settings.rate_limit, settings.rate_burst)
+        self.clock = clock
+        self.buckets = BucketTable(MAX_CLIENTS)
+        self._overrides: dict[tuple[float, int], Policy | None] = {}
+
+    def policy_for(self, key: ApiKey | None) -> Policy | None:
+        if key is None or key.rate is None:
+            return self.default
+        limits = (key.rate, key.burst or 0)
+        if limits not in self._overrides:
+            self._overrides[limits] = Policy.of(*limits)
+        return self._overrides[limits]
+
+    def take(self, client: str, policy: Policy) -> Decision:
+        return self.buckets.take(client, policy.rate, policy.burst, self.clock())
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+
+
+def rate_limit_headers(response: web.StreamResponse, policy: Policy, decision: Decision) -> None:
+    seconds = decision.full_after if decision.remaining > 0 else decision.retry_after
+    response.headers["RateLimit-Policy"] = policy.header
+    response.headers["RateLimit"] = f'"{POLICY_NAME}";r={decision.remaining};t={math.ceil(seconds)}'
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """429 past the client's bucket; the RateLimit fields on every answer of a limited request."""
+    if not request.path.startswith(LIMITED_PREFIX):
+        return await handler(request)
+    key: ApiKey | None = request.get(API_KEY)
+    app = request.app
+    limiter = app[RATE_LIMITER]
+    policy = limiter.policy_for(key)
+    if policy is None:
+        return await handler(request)
+    # Keys on: one bucket per key name (every key of a name shares it); keys off: per client address.
+    client = f"key:{key.name}" if key is not None else f"addr:{request.remote}"
+    decision = limiter.take(client, policy)
+    if decision.allowed:
+        response = await handler(request)
+    else:
+        app[METRICS].count_rate_limited(key.name if key is not None else None)
+        retry_after = max(1, math.ceil(decision.retry_after))
+        response = error_response(
+            TooManyRequests(f"请求过于频繁：每秒最多{policy.rate:g}个请求，请{retry_after}秒后重试",
+                            retry_after=retry_after),
+            app[SETTINGS].retry_after_seconds,
+        )
+    rate_limit_headers(response, policy, decision)
+    return response
