@@ -7,14 +7,17 @@ README makes about them: every service is there and healthy before its dependant
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from shared.roles import rabbitmq_password_matches
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,12 +220,69 @@ def test_every_app_service_has_database_and_amqp_urls(services: dict[str, dict[s
 def test_gateway_and_workers_agree_on_the_topology(services: dict[str, dict[str, Any]]) -> None:
     """Routing is crc32(userId) % SHARD_COUNT: a different count in the worker would strand messages."""
     gateway, worker = environment(services["gateway"]), environment(services["worker"])
-    for key in ("SHARD_COUNT", "AMQP_PREFIX", "QUEUE_TYPE", "AMQP_URL"):
+    for key in ("SHARD_COUNT", "AMQP_PREFIX", "QUEUE_TYPE"):
         assert gateway.get(key) == worker.get(key), key
+    # The same broker and vhost; each with a user of its own (see the least-privilege tests below).
+    assert broker_and_vhost(gateway["AMQP_URL"]) == broker_and_vhost(worker["AMQP_URL"])
 
 
 def test_worker_leaves_migrations_to_the_migrate_service(services: dict[str, dict[str, Any]]) -> None:
     assert environment(services["worker"]).get("MIGRATE_ON_START", "").lower() == "false"
+
+
+# ---- least privilege: each process connects with its own PostgreSQL role and RabbitMQ user (shared/roles.py)
+
+ROLE_OF = {"gateway": "crm_gateway", "worker": "crm_worker", "replay": "crm_replay"}
+
+
+def broker_and_vhost(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc.rpartition("@")[2], parts.path
+
+
+def url_user(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
+
+
+def test_migrate_service_creates_the_roles_with_passwords(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]
+    assert "python -m shared.migrate --create-roles" in command_line(migrate)
+    env = environment(migrate)
+    assert url_user(env["DATABASE_URL"]) == "postgres", "roles and grants need the database owner"
+    for role in ROLE_OF.values():
+        assert env.get(f"{role.upper()}_PASSWORD"), f"{role} would have no password"
+
+
+@pytest.mark.parametrize(("name", "role"), sorted(ROLE_OF.items()))
+def test_each_app_service_connects_with_its_own_role_and_broker_user(
+    services: dict[str, dict[str, Any]], name: str, role: str
+) -> None:
+    env = environment(services[name])
+    assert url_user(env["DATABASE_URL"]) == role
+    assert url_user(env["AMQP_URL"]) == role
+    # The password in the URL is the one --create-roles sets (same variable, same default).
+    migrate_env = environment(services["migrate"])
+    password = urllib.parse.urlsplit(env["DATABASE_URL"]).password
+    assert password == migrate_env[f"{role.upper()}_PASSWORD"]
+
+
+def test_rabbitmq_loads_the_definitions_with_a_user_per_component(services: dict[str, dict[str, Any]]) -> None:
+    mounts = {str(volume).split(":")[1]: str(volume).split(":")[0] for volume in services["rabbitmq"]["volumes"]
+              if str(volume).startswith("./")}
+    conf = mounts.get("/etc/rabbitmq/conf.d/20-crm.conf")
+    assert conf is not None, "no rabbitmq.conf mounted into conf.d"
+    settings = dict(line.split(" = ", 1) for line in (ROOT / conf).read_text(encoding="utf-8").splitlines()
+                    if " = " in line and not line.startswith("#"))
+    definitions_path = settings.get("load_definitions")
+    assert definitions_path in mounts, "load_definitions names a file that is not mounted"
+    definitions = json.loads((ROOT / mounts[definitions_path]).read_text(encoding="utf-8"))
+    users = {user["name"]: user for user in definitions["users"]}
+    for name, role in ROLE_OF.items():
+        assert role in users and not users[role]["tags"], f"{role}: missing or tagged (a tag opens the UI)"
+        password = urllib.parse.unquote(urllib.parse.urlsplit(environment(services[name])["AMQP_URL"]).password
+                                        or "")
+        default = re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", password)
+        assert rabbitmq_password_matches(users[role]["password_hash"], default[1] if default else password), role
 
 
 @pytest.mark.parametrize("name", ["gateway", "worker"])
