@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.server import GatewayRunner
 from gateway.state import IN_FLIGHT
 from shared.cli import (
     StartupError,
@@ -40,7 +41,7 @@ requests finish (at most SHUTDOWN_DEADLINE seconds)."""
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = GatewayRunner(app, settings, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     with starting("RabbitMQ", settings.amqp_url):
         await runner.setup()  # runs the cleanup contexts' start-up half: the broker connection and topology
     # backlog: bursts of hundreds of new connections; the default 128 drops SYNs (1 s client retries).

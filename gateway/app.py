@@ -2,8 +2,14 @@
 
 Middlewares, outermost first:
   access log (one line per request, request ids bound)  ->  in-flight count (SIGTERM waits for it)  ->
-  metrics (count and time, final status)  ->  errors (the only place errors become HTTP)  ->  handler
-Resources, opened in this order at start-up and closed in reverse (cleanup contexts): the database clock,
+  metrics (count and time, final status)  ->  API key (401)  ->  rate limit (429; RateLimit fields on every
+  answer)  ->  errors (the only place errors become HTTP)  ->
+  in-flight cap (503 past MAX_IN_FLIGHT)  ->  handler
+Key and limit refusals are answered by their own middlewares through ``gateway.errors.error_response`` (the
+same shape and headers): outside the error middleware, so the limiter sees, and stamps, every final answer,
+and inside the metrics one, so 401s and 429s are counted and timed.
+Resources, opened in this order at start-up and closed in reverse (cleanup contexts): the API keys (SIGHUP
+handler, file watcher; a bad keys file fails start-up before anything opens), the database clock,
 the read-only database pool (neither may fail start-up: Postgres can be away), the broker connection.
 """
 
@@ -14,12 +20,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.access_log import access_log_middleware
+from gateway.auth import AUTH, ApiKeys, api_keys_ctx, require_api_key
+from gateway.backpressure import cap_in_flight
 from gateway.customers import get_customer, post_customer
 from gateway.docs import DOCS, DOCS_ASSETS_ROUTE, docs_asset, docs_page, load_docs, openapi_json
 from gateway.errors import error_middleware
 from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
 from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
+from gateway.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
 from gateway.request_status import get_request_status
 from gateway.rpc import RpcClient
 from gateway.state import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
@@ -64,18 +73,26 @@ async def _rpc_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.body_limit,
-        middlewares=[access_log_middleware, track_in_flight, http_metrics, error_middleware],
+        middlewares=[
+            access_log_middleware, track_in_flight, http_metrics, require_api_key, rate_limit, error_middleware,
+            cap_in_flight,
+        ],
     )
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[METRICS] = GatewayMetrics()
     app[DOCS] = load_docs(settings)  # the OpenAPI document and the docs page, built once
+    app[AUTH] = ApiKeys(settings)
+    app[AUTH].load()  # StartupError (one line) for a keys file that cannot be read or parsed
+    app[RATE_LIMITER] = RateLimiter(settings)
+    app.cleanup_ctx.append(api_keys_ctx)
     app.cleanup_ctx.append(_timeline_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rpc_ctx)
 
     app.router.add_post("/api/external/customers", post_customer)
-    app.router.add_get("/api/external/customers/{userId}", get_customer)
+    # [^/]+, not aiohttp's default [^{}/]+: a userId may hold braces (found by the round-trip property test).
+    app.router.add_get("/api/external/customers/{userId:[^/]+}", get_customer)
     app.router.add_get("/api/external/requests/{requestId}", get_request_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -17,7 +17,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
-from gateway.state import METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
+from gateway.server import request_started, stop_lingering
+from gateway.state import API_KEY_NAME, METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
 from shared.envelope import RequestEnvelope, body_hash
 from shared.errors import (
     BodyTooLarge,
@@ -26,6 +27,7 @@ from shared.errors import (
     PhoneTaken,
     ProcessingFailed,
     RequestInvalid,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
@@ -36,16 +38,21 @@ from shared.request_ids import new_request_id
 MAX_IDEMPOTENCY_KEY = 255
 
 
-async def read_json_body(request: web.Request, limit: int) -> object:
-    """The decoded JSON body, or the matching ClientError (415, 413, 400)."""
+async def read_json_body(request: web.Request, limit: int, client_timeout: float) -> object:
+    """The decoded JSON body, or the matching ClientError (415, 413, 408, 400)."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("Content-Type必须为application/json")
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"请求体不能超过{limit}字节")
+    remaining = client_timeout - (time.monotonic() - request_started(request))
     try:
-        raw = await request.read()  # aiohttp enforces client_max_size (= limit) for chunked bodies
+        async with asyncio.timeout(max(remaining, 0.001)):  # CLIENT_TIMEOUT covers the whole request
+            raw = await request.read()  # aiohttp enforces client_max_size (= limit) for chunked bodies
     except (RequestPayloadError, HttpProcessingError):  # truncated body, bad Content-Encoding...
         raise RequestInvalid("请求体无法读取（内容不完整或编码错误）") from None
+    except TimeoutError:
+        stop_lingering(request)
+        raise RequestTimeout(f"请求体未在{client_timeout:g}秒内传完") from None
     if not raw.strip():
         raise RequestInvalid("请求体不能为空")
     try:
@@ -72,7 +79,7 @@ async def post_customer(request: web.Request) -> web.Response:
     request[REQUEST_ID] = request_id
     set_request_id(request_id)
 
-    data = await read_json_body(request, settings.body_limit)
+    data = await read_json_body(request, settings.body_limit, settings.client_timeout)
     customer = parse_customer(data)
     key = idempotency_key(request)
     payload = customer.wire()
@@ -84,6 +91,7 @@ async def post_customer(request: web.Request) -> web.Response:
         payload=payload,
         idempotency_key=key,
         body_hash=body_hash(payload) if key is not None else None,
+        api_key=request.get(API_KEY_NAME),
     )
     try:
         outcome_future = await rpc.submit(envelope)  # returns once the broker confirmed: nothing is lost now

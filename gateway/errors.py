@@ -21,7 +21,10 @@ from shared.errors import (
     NotFound,
     ProcessingFailed,
     RequestInvalid,
+    RequestTimeout,
     ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
 )
 
 log = logging.getLogger("gateway.errors")
@@ -48,6 +51,12 @@ def error_response(error: ClientError, retry_after: int, request_id: str | None 
     response = json_response(body, status=error.status)
     if isinstance(error, ServiceUnavailable):
         response.headers["Retry-After"] = str(retry_after)
+    elif isinstance(error, TooManyRequests):
+        response.headers["Retry-After"] = str(error.retry_after)  # whole seconds until the next token
+    elif isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"' if error.invalid_key else "Bearer"
+    elif isinstance(error, RequestTimeout):
+        response.force_close()  # the rest of a body that came too slowly is not worth waiting for
     return response
 
 

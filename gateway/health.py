@@ -2,8 +2,9 @@
 
 ``GET /healthz``  liveness: the process answers (no dependency is checked, so a broker outage never gets a
                   healthy gateway restarted).
-``GET /readyz``   readiness: 200 while the gateway can accept writes — broker connection and channel usable,
-                  reply consumer running — else 503 naming the failing part. The database is reported too, but
+``GET /readyz``   readiness: 200 while the gateway can accept writes — broker connection and channel usable
+                  and not blocked by a memory or disk alarm, reply consumer running — else 503 naming the
+                  failing part. The database is reported too, but
                   only as ``degraded``: while Postgres is away the gateway still accepts (202, applied later),
                   and a load balancer must not take every gateway out then.
 """
@@ -23,7 +24,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     rpc, timeline = request.app[RPC], request.app[TIMELINE]
     checks = {
-        "broker": "ok" if rpc.available else "down",
+        "broker": ("blocked" if rpc.blocked else "ok") if rpc.available else "down",
         "replies": "ok" if rpc.replies_consuming else "down",
         "database": "ok" if timeline.database_reachable else "degraded",
         "clock": "synchronized" if timeline.synchronized else "unsynchronized",

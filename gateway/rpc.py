@@ -34,6 +34,21 @@ from shared.topology import Topology, shard_for
 log = logging.getLogger("gateway.rpc")
 
 BROKER_DOWN = "消息队列暂不可用"
+QUEUE_FULL = "消息队列已满，请求未被受理，请稍后重试"
+BROKER_BLOCKED = "消息队列资源告警（内存或磁盘），请求未被受理，请稍后重试"
+
+
+def broker_blocked(connection: AbstractRobustConnection | None) -> bool:
+    """True while RabbitMQ has blocked this connection (a memory or disk alarm: ``connection.blocked``).
+
+    aiormq tracks the notification in a private event and simply holds every write until ``unblocked``; it has
+    no public accessor, so this reads that event where it exists (aiormq 6.x). Elsewhere it answers False and a
+    publish during an alarm ends in PUBLISH_TIMEOUT's 503 instead of an immediate one (tests/test_backpressure.py
+    really raises an alarm, so a change in aiormq shows up there).
+    """
+    underlying = getattr(getattr(connection, "transport", None), "connection", None)
+    unblocked = getattr(underlying, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
 
 @dataclass(eq=False, slots=True)
@@ -104,6 +119,10 @@ class RpcClient:
         )
 
     @property
+    def blocked(self) -> bool:
+        return broker_blocked(self.connection)
+
+    @property
     def replies_consuming(self) -> bool:
         """The reply consumer is registered on a usable channel (aio-pika restores it after a reconnect)."""
         return self._reply_tag is not None and self.available
@@ -117,6 +136,8 @@ class RpcClient:
         """
         if not self.available:
             raise ServiceUnavailable(BROKER_DOWN)
+        if self.blocked:
+            raise ServiceUnavailable(BROKER_BLOCKED)
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Outcome] = loop.create_future()
         confirmed: asyncio.Future[None] = loop.create_future()
@@ -152,12 +173,17 @@ class RpcClient:
                 try:
                     await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
-                    # Sent or not, unconfirmed: 503 (README: retry with the same Idempotency-Key).
+                    # Sent or not, unconfirmed: 503 (README: retry with the same Idempotency-Key). A nack is the
+                    # bounded shard queue refusing it (x-overflow reject-publish): surely not accepted.
                     self.metrics.count_publish(confirmed=False)
-                    log.warning("publish of %d requests failed: %s", len(batch), exc)
+                    rejected = isinstance(exc, aio_pika.exceptions.DeliveryError) and not isinstance(
+                        exc, aio_pika.exceptions.PublishError)  # PublishError: returned unroutable, not a nack
+                    reason = QUEUE_FULL if rejected else BROKER_BLOCKED if self.blocked else BROKER_DOWN
+                    log.warning("publish of %d requests %s: %s", len(batch),
+                                "refused (queue full)" if rejected else "failed", exc)
                     for item in batch:
                         if not item.confirmed.done():
-                            item.confirmed.set_exception(ServiceUnavailable(BROKER_DOWN))
+                            item.confirmed.set_exception(ServiceUnavailable(reason))
                 else:
                     self.metrics.count_publish(confirmed=True)
                     for item in batch:

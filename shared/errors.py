@@ -67,6 +67,13 @@ class RequestNotFound(NotFound):
     message = "请求不存在"
 
 
+class RequestTimeout(ClientError):
+    """The client did not send its whole request within CLIENT_TIMEOUT; the connection is closed."""
+
+    status = 408
+    message = "请求超时"
+
+
 class MethodNotAllowed(ClientError):
     status = 405
     message = "请求方法不支持"
@@ -80,6 +87,33 @@ class PhoneTaken(ClientError):
 class IdempotencyKeyReused(ClientError):
     status = 422
     message = "幂等键冲突"
+
+
+MISSING_KEY = "缺少API密钥：请在Authorization: Bearer或X-API-Key头中提供"
+INVALID_KEY = "API密钥无效"
+
+
+class Unauthorized(ClientError):
+    """No API key, or one that is not configured (answered with ``WWW-Authenticate: Bearer``)."""
+
+    status = 401
+    message = "未授权：缺少或无效的API密钥"
+
+    def __init__(self, error: str, *, invalid_key: bool = False) -> None:
+        super().__init__(error)
+        # RFC 6750 section 3.1: a key was presented and refused (error="invalid_token"), or none was sent.
+        self.invalid_key = invalid_key
+
+
+class TooManyRequests(ClientError):
+    """Over the rate limit of this API key (or client address); ``retry_after`` whole seconds."""
+
+    status = 429
+    message = "请求过于频繁"
+
+    def __init__(self, error: str, *, retry_after: int) -> None:
+        super().__init__(error)
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(ClientError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # queue adds messages and fsyncs per request (measured on 2 cores: 2 shards ~5,000 req/s, 4 shards ~3,500).
     shard_count: int = Field(2, ge=1, le=1024)
     queue_type: Literal["quorum", "classic"] = "quorum"
+    queue_max_length: int = Field(
+        100_000, ge=1, description="messages a shard queue holds at most; past it publishes are refused (503)")
 
     # Gateway
     rpc_timeout: float = Field(10.0, gt=0, description="seconds to wait for the worker before answering 202")
@@ -34,6 +36,25 @@ class Settings(BaseSettings):
     publishes_in_flight: int = Field(2, ge=1, description="publishes per shard awaiting a confirm at once")
     retry_after_seconds: int = Field(5, ge=1, description="Retry-After sent with 503")
     gateway_db_pool_size: int = Field(2, ge=1, description="read-only connections for GET requests, at most")
+
+    # Backpressure and slow clients (gateway)
+    max_in_flight: int = Field(10_000, ge=1, description="requests a gateway handles at once; 503 past it")
+    client_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has to send a whole request (headers and body)")
+    keepalive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection is kept")
+    max_header_size: int = Field(8190, ge=1024, description="bytes of the request line or of one header, at most")
+    max_headers: int = Field(100, ge=10, description="headers in one request, at most")
+
+    # API keys and rate limits (gateway: gateway/auth.py, gateway/ratelimit.py)
+    api_keys_file: str = Field(
+        "", description="file of name:sha256hex[:rate:burst] lines, re-read on change and on SIGHUP (empty: none)")
+    api_keys: str = Field("", description="the same entries separated by commas (empty: none; keys off if both are)")
+    rate_limit: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="requests/s per API key (per client address with keys off) on /api/external/*; 0: off")
+    rate_burst: int = Field(0, ge=0, description="token-bucket size: requests allowed at once (0: ceil(RATE_LIMIT))")
+    protect_docs: bool = Field(False, description="/docs and /openapi.json need an API key too")
+    protect_metrics: bool = Field(False, description="/metrics needs an API key too")
 
     # Clock: every process stamps on the database server's clock (shared/timeline.py)
     clock_sync_interval: float = Field(2.0, gt=0, description="seconds between samples of the database clock")
@@ -55,6 +76,23 @@ class Settings(BaseSettings):
     idempotency_window_hours: float = Field(24.0, gt=0, description="how long an Idempotency-Key is honoured")
     migrate_on_start: bool = True
 
+    # Least privilege (shared/roles.py): `python -m shared.migrate --create-roles` creates the roles
+    # <DB_ROLE_PREFIX>worker / gateway / replay and sets these passwords (unset: a role's password is left as is).
+    db_role_prefix: str = Field("crm_", pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+                                description="name prefix of the PostgreSQL roles made by --create-roles")
+    crm_worker_password: SecretStr | None = Field(None, description="password of the worker's role")
+    crm_gateway_password: SecretStr | None = Field(None, description="password of the gateway's role")
+    crm_replay_password: SecretStr | None = Field(None, description="password of the replay tool's role")
+
+    @field_validator("crm_worker_password", "crm_gateway_password", "crm_replay_password")
+    @classmethod
+    def _printable_ascii(cls, value: SecretStr | None) -> SecretStr | None:
+        # The SCRAM verifier is computed client-side (shared/roles.py), where SASLprep is the identity only for
+        # ASCII; the value itself is never echoed in the error.
+        if value is not None and not all(" " <= char <= "~" for char in value.get_secret_value()):
+            raise ValueError("must be printable ASCII")
+        return value
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -63,4 +101,11 @@ class Settings(BaseSettings):
         # An Idempotency-Key is looked up in processed_requests: rows must outlive the key's window.
         if self.processed_retention_hours < self.idempotency_window_hours:
             raise ValueError("PROCESSED_RETENTION_HOURS must be at least IDEMPOTENCY_WINDOW_HOURS")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_api_keys(self) -> Settings:
+        # Two sources would leave a reader guessing which key came from where (and only the file rotates).
+        if self.api_keys_file.strip() and self.api_keys.strip():
+            raise ValueError("set API_KEYS_FILE or API_KEYS, not both")
         return self

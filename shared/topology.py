@@ -25,6 +25,7 @@ Only features RabbitMQ 3.10 already has are used: direct exchanges, quorum/class
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import zlib
 from collections.abc import AsyncIterator
@@ -43,6 +44,9 @@ CHANGE_HINT = "give every gateway and worker the same SHARD_COUNT and QUEUE_TYPE
     "the README's \"Changing SHARD_COUNT or QUEUE_TYPE\" says"
 
 
+log = logging.getLogger("topology")
+
+
 class TopologyMismatch(CrmError):
     """This process's SHARD_COUNT / QUEUE_TYPE differ from what the broker already has: it must not start."""
 
@@ -57,10 +61,13 @@ class Topology:
     prefix: str
     shard_count: int
     queue_type: str
+    # The bound of each shard queue (x-max-length with x-overflow reject-publish): past it the broker refuses
+    # publishes (basic.nack) and the gateway answers 503, instead of the broker's disk filling up.
+    max_length: int = 100_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        return cls(settings.amqp_prefix, settings.shard_count, settings.queue_type)
+        return cls(settings.amqp_prefix, settings.shard_count, settings.queue_type, settings.queue_max_length)
 
     @property
     def exchange(self) -> str:
@@ -99,13 +106,16 @@ class Topology:
     async def declare(self, channel: AbstractChannel) -> tuple[AbstractExchange, list[aio_pika.abc.AbstractQueue]]:
         """Check the topology against the broker's, then declare exchange, shard queues and the dead-letter
         queue; idempotent. Raises ``TopologyMismatch`` (one line) when this process's differs."""
-        await self.check_against_broker(channel)
+        unbounded = await self.check_against_broker(channel)
         exchange = await self.declare_exchange(channel)
         queues = []
         for shard in range(self.shard_count):
             name = self.shard_queue(shard)
             try:
-                queue = await channel.declare_queue(name, durable=True, arguments=self.shard_arguments)
+                if name in unbounded:  # exists with another bound: take it as it is (see _probe_shard_queues)
+                    queue = await channel.declare_queue(name, passive=True)
+                else:
+                    queue = await channel.declare_queue(name, durable=True, arguments=self.shard_arguments)
             except ChannelPreconditionFailed as exc:
                 raise self._queue_mismatch(name, exc) from None
             await queue.bind(exchange, self.routing_key(shard))
@@ -113,8 +123,10 @@ class Topology:
         await self.declare_dead_letter_queue(channel)
         return exchange, queues
 
-    async def check_against_broker(self, channel: AbstractChannel) -> None:
-        """Checks 1-3 of the module docstring; declares the marker when it is absent (first process)."""
+    async def check_against_broker(self, channel: AbstractChannel) -> set[str]:
+        """Checks 1-3 of the module docstring; declares the marker when it is absent (first process).
+
+        Returns the shard queues that exist with another bound (see ``_probe_shard_queues``)."""
         connection = (await channel.get_underlay_channel()).connection
         beyond = self.shard_queue(self.shard_count)
         async with _probe_channel(connection) as probe:
@@ -127,13 +139,9 @@ class Topology:
                     f"topology mismatch: queue {beyond} exists on RabbitMQ but this process has {self.describe()} "
                     f"(shards 0..{self.shard_count - 1}): another process uses more shards, or "
                     f"a reduced SHARD_COUNT left it behind (drain and delete it); {CHANGE_HINT}")
+        # The queues first: the marker must not be created with a type the queues do not have.
+        unbounded = await self._probe_shard_queues(connection)
         async with _probe_channel(connection) as probe:
-            # The queue type first: the marker must not be created with a type the queues do not have.
-            first = self.shard_queue(0)
-            try:
-                await probe.queue_declare(first, durable=True, arguments=self.shard_arguments)
-            except ChannelPreconditionFailed as exc:
-                raise self._queue_mismatch(first, exc) from None
             try:
                 await probe.exchange_declare(
                     self.marker_exchange, exchange_type="fanout", durable=True, internal=True,
@@ -147,6 +155,32 @@ class Topology:
                 raise TopologyMismatch(
                     f"topology mismatch: this process has {self.describe()} but RabbitMQ already has {theirs} "
                     f"for prefix {self.prefix!r} (exchange {self.marker_exchange}); {CHANGE_HINT}") from None
+        return unbounded
+
+    async def _probe_shard_queues(self, connection: aiormq.abc.AbstractConnection) -> set[str]:
+        """Declare every shard queue with our arguments on a probe channel; a different queue type is fatal.
+
+        A queue that exists with another bound (``x-max-length`` / ``x-overflow``: created before the bound
+        existed, or with another QUEUE_MAX_LENGTH) cannot be changed by re-declaring it — RabbitMQ refuses
+        (PRECONDITION_FAILED). It is used as it is, with a warning: an operator changes a bound with a policy
+        (README, "Bounded queues"), which RabbitMQ applies to existing queues too.
+        """
+        unbounded: set[str] = set()
+        for shard in range(self.shard_count):
+            name = self.shard_queue(shard)
+            async with _probe_channel(connection) as probe:
+                try:
+                    await probe.queue_declare(name, durable=True, arguments=self.shard_arguments)
+                except ChannelPreconditionFailed as exc:
+                    argument = _inequivalent_argument(exc)
+                    if argument not in _BOUND_ARGUMENTS:
+                        raise self._queue_mismatch(name, exc) from None
+                    unbounded.add(name)
+                    log.warning("queue %s exists with %s %s, not %r as QUEUE_MAX_LENGTH says: queue arguments "
+                                "cannot change, so it is used as it is; set the bound with a policy (README, "
+                                "\"Bounded queues\")", name, argument, _current_value(exc) or "unset",
+                                self.shard_arguments[argument])
+        return unbounded
 
     def _queue_mismatch(self, name: str, exc: BaseException) -> TopologyMismatch:
         current = _current_value(exc)
@@ -163,6 +197,10 @@ class Topology:
             "x-queue-type": self.queue_type,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.dead_letter_queue,
+            # Backpressure, never silent loss: a full queue refuses new publishes (the gateway gets a nack and
+            # answers 503) instead of dropping the oldest (the default, drop-head) or growing without end.
+            "x-max-length": self.max_length,
+            "x-overflow": "reject-publish",
         }
 
     async def declare_dead_letter_queue(self, channel: AbstractChannel) -> aio_pika.abc.AbstractQueue:
@@ -180,6 +218,16 @@ _MARKER = re.compile(r"shard-count=(\d+),queue-type=(\w+)")
 # RabbitMQ's PRECONDITION_FAILED text: "... received 'X' but current is 'Y'" (3.10+), or "... received the
 # value 'X' of type 'longstr' but current is the value 'Y' of type 'longstr'" when the types differ.
 _CURRENT = re.compile(r"but current is (?:the value )?'([^']*)'")
+
+
+# "... inequivalent arg 'x-max-length' for queue 'crm.shard.0' in vhost '/': received '5' but current is '2'"
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
+_BOUND_ARGUMENTS = frozenset({"x-max-length", "x-overflow"})
+
+
+def _inequivalent_argument(exc: BaseException) -> str | None:
+    match = _INEQUIVALENT.search(str(exc))
+    return match[1] if match else None
 
 
 def parse_marker(value: str) -> tuple[int, str] | None:

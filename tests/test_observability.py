@@ -451,9 +451,8 @@ async def test_gateway_and_worker_lines_of_one_request_carry_the_same_request_id
 
     gateway_lines = await wait_for_lines(gateway, lambda line: line.get("request_id") == request_id)
     assert any(line.get("event") == "http request" for line in gateway_lines), gateway_lines
-    worker_lines = [
-        line for worker in workers_of(stack) for line in json_lines(worker) if line.get("request_id") == request_id
-    ]
+    [worker] = workers_of(stack)
+    worker_lines = await wait_for_lines(worker, lambda line: line.get("request_id") == request_id)
     assert worker_lines, f"no worker log line names request {request_id} (it was applied: {body})"
 
 
