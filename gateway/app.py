@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.access_log import access_log_middleware
 from gateway.auth import AUTH, ApiKeys, api_keys_ctx, require_api_key
@@ -71,11 +72,16 @@ async def _rpc_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
+    # Keys and limits only where configured: a middleware layer costs every request, even one that passes.
+    keys_configured = bool(settings.api_keys.strip() or settings.api_keys_file.strip())
+    access_control: list[Middleware] = [
+        *([require_api_key] if keys_configured else []),
+        *([rate_limit] if keys_configured or settings.rate_limit > 0 else []),  # per-key limits live in the keys
+    ]
     app = web.Application(
         client_max_size=settings.body_limit,
         middlewares=[
-            access_log_middleware, track_in_flight, http_metrics, require_api_key, rate_limit, error_middleware,
-            cap_in_flight,
+            access_log_middleware, track_in_flight, http_metrics, *access_control, error_middleware, cap_in_flight,
         ],
     )
     app[SETTINGS] = settings
