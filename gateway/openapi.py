@@ -29,6 +29,7 @@ from shared.errors import (
     PhoneTaken,
     ProcessingFailed,
     RequestInvalid,
+    RequestTimeout,
     ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
@@ -352,6 +353,10 @@ def _post_customer(settings: Settings) -> JsonDict:
             f"请求体超过{settings.body_limit}字节",
             ("tooLarge", _error_example(BodyTooLarge(f"请求体不能超过{settings.body_limit}字节"))),
         ),
+        "408": _error_response(
+            f"请求未在CLIENT_TIMEOUT（{settings.client_timeout:g}秒）内传完，连接随后关闭",
+            ("tooSlow", _error_example(RequestTimeout(f"请求体未在{settings.client_timeout:g}秒内传完"))),
+        ),
         "415": _error_response(
             "Content-Type不是application/json",
             ("notJson", _error_example(UnsupportedMediaType("Content-Type必须为application/json"))),
@@ -369,7 +374,8 @@ def _post_customer(settings: Settings) -> JsonDict:
         ),
         "503": {
             **_error_response(
-                "暂时无法受理（消息代理不可用），请求未被接受；按Retry-After重试（建议带Idempotency-Key）",
+                "暂时无法受理（消息代理不可用、队列已满、代理资源告警或网关繁忙），请求未被接受；"
+                "按Retry-After重试（建议带Idempotency-Key）",
                 ("unavailable", _error_example(ServiceUnavailable("消息代理暂时不可用"))),
             ),
             "headers": {"Retry-After": _ref("headers", "RetryAfter")},
@@ -396,6 +402,7 @@ def _get_customer() -> JsonDict:
         "responses": {
             "200": {"description": "已存储的客户（字段名同请求）", "content": _json(_ref("schemas", "StoredCustomer"))},
             "404": _error_response("客户不存在", ("unknown", _error_example(NotFound("客户不存在")))),
+            "503": _database_down(),
         },
     }
 
@@ -411,7 +418,18 @@ def _get_request_status() -> JsonDict:
             "404": _error_response(
                 "未知的请求ID（或已超出保留期）", ("unknown", _error_example(NotFound("请求不存在")))
             ),
+            "503": _database_down(),
         },
+    }
+
+
+def _database_down() -> JsonDict:
+    return {
+        **_error_response(
+            "数据库暂不可用（读取需要数据库；写入仍被受理）；按Retry-After重试",
+            ("databaseDown", _error_example(ServiceUnavailable("数据库暂不可用，请稍后重试"))),
+        ),
+        "headers": {"Retry-After": _ref("headers", "RetryAfter")},
     }
 
 

@@ -114,9 +114,9 @@ def test_document_follows_settings() -> None:
 
 
 EXPECTED_ANSWERS = {
-    ("/api/external/customers", "post"): {"200", "201", "202", "400", "409", "413", "415", "422", "500", "503"},
-    ("/api/external/customers/{userId}", "get"): {"200", "404"},
-    ("/api/external/requests/{requestId}", "get"): {"200", "404"},
+    ("/api/external/customers", "post"): {"200", "201", "202", "400", "408", "409", "413", "415", "422", "500", "503"},
+    ("/api/external/customers/{userId}", "get"): {"200", "404", "503"},
+    ("/api/external/requests/{requestId}", "get"): {"200", "404", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},
