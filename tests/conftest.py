@@ -14,6 +14,7 @@ import pytest
 
 from bench.stack import rabbitmqctl, with_database, with_vhost
 from shared.migrate import migrate
+from tests.poison import FAST_RETRIES, PoisonTrigger
 from tests.support import (
     ADMIN_AMQP_URL,
     ADMIN_DATABASE_URL,
@@ -136,3 +137,23 @@ async def fetch_customer(db: asyncpg.Pool, user_id: str) -> dict[str, Any] | Non
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Fault tests stop and restart the shared broker and database: run them after everything else."""
     items.sort(key=lambda item: item.get_closest_marker("fault") is not None)
+
+
+@pytest.fixture
+async def poison(db: asyncpg.Pool) -> AsyncIterator[PoisonTrigger]:
+    """A trigger refusing the userIds ``poison.user()`` makes; dropped afterwards."""
+    trigger = PoisonTrigger(db)
+    await trigger.create()
+    try:
+        yield trigger
+    finally:
+        await trigger.drop()
+
+
+@pytest.fixture
+def poison_stack(make_stack: Callable[..., Stack]) -> Stack:
+    """One worker and one gateway with small retry delays (a poison request dies within a second)."""
+    stack = make_stack(**FAST_RETRIES)
+    stack.start_worker()
+    stack.start_gateway()
+    return stack

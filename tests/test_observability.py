@@ -12,7 +12,7 @@ import datetime as dt
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,11 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.request_ids import new_request_id, request_id_time_ms
 from tests.conftest import fetch_customer, post
+from tests.poison import FAST_RETRIES, PoisonTrigger
 from tests.spec_examples import scenario_1_body
 from tests.support import Gateway, Proc, Stack, Worker, unique_phone, unique_user
 from tests.test_poison_and_replay import (
-    FAST_RETRIES,
-    PoisonTrigger,
     api_of,
     assert_error_shape,
     replay_tool,
@@ -127,24 +126,6 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def poison(db: asyncpg.Pool) -> AsyncIterator[PoisonTrigger]:
-    trigger = PoisonTrigger(db)
-    await trigger.create()
-    try:
-        yield trigger
-    finally:
-        await trigger.drop()
-
-
-@pytest.fixture
-def poison_stack(make_stack: Callable[..., Stack]) -> Stack:
-    stack = make_stack(**FAST_RETRIES)
-    stack.start_worker()
-    stack.start_gateway()
-    return stack
 
 
 # ---- 1. read-back: GET /api/external/customers/{userId} -------------------------------------------------

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import subprocess
 import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,70 +29,12 @@ from shared.envelope import RequestEnvelope, encode_pack
 from shared.stamps import HybridClock
 from shared.topology import Topology, shard_for
 from tests.conftest import fetch_customer, post
+from tests.poison import FAST_RETRIES, MAX_ATTEMPTS, PoisonTrigger
 from tests.support import ROOT, Gateway, Stack, unique_phone, unique_user
 from worker.deadletter import dead_letter_message
 
-MAX_ATTEMPTS = 3
-FAST_RETRIES: dict[str, Any] = {"MAX_ATTEMPTS": MAX_ATTEMPTS, "RETRY_BASE_DELAY": 0.2, "RETRY_MAX_DELAY": 1}
 SHARDS = 8  # the test stacks run with 8 shards (tests/support.py)
 UNREACHABLE_AMQP = "amqp://guest:guest@127.0.0.1:1/"
-
-
-# ---- poison: a trigger that refuses chosen users ----------------------------------------------------
-
-
-class PoisonTrigger:
-    """``BEFORE INSERT OR UPDATE`` trigger on customers raising for userIds that start with ``marker``."""
-
-    def __init__(self, db: asyncpg.Pool) -> None:
-        self.db = db
-        self.marker = f"poison{uuid.uuid4().hex[:12]}"
-        self._users = itertools.count(1)
-        self.active = False
-
-    def user(self) -> str:
-        return f"{self.marker}_{next(self._users)}"
-
-    async def create(self) -> None:
-        await self.db.execute(f"""
-            CREATE FUNCTION {self.marker}() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.user_id LIKE '{self.marker}%' THEN
-                    RAISE EXCEPTION 'test trigger refuses %', NEW.user_id;
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER {self.marker} BEFORE INSERT OR UPDATE ON customers
-                FOR EACH ROW EXECUTE FUNCTION {self.marker}();
-        """)
-        self.active = True
-
-    async def drop(self) -> None:
-        """The cause is fixed: the same requests now succeed."""
-        await self.db.execute(f"""
-            DROP TRIGGER IF EXISTS {self.marker} ON customers;
-            DROP FUNCTION IF EXISTS {self.marker}();
-        """)
-        self.active = False
-
-
-@pytest.fixture
-async def poison(db: asyncpg.Pool) -> AsyncIterator[PoisonTrigger]:
-    trigger = PoisonTrigger(db)
-    await trigger.create()
-    try:
-        yield trigger
-    finally:
-        await trigger.drop()
-
-
-@pytest.fixture
-def poison_stack(make_stack: Callable[..., Stack]) -> Stack:
-    """One worker and one gateway with small retry delays (a poison request dies within a second)."""
-    stack = make_stack(**FAST_RETRIES)
-    stack.start_worker()
-    stack.start_gateway()
-    return stack
 
 
 @pytest.fixture
