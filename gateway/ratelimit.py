@@ -7,8 +7,10 @@ token from the client's bucket (``shared.token_bucket``) → none left: 429 in t
 otherwise the handler. Every answer of a limited request, 2xx and errors alike, carries the two fields of
 draft-ietf-httpapi-ratelimit-headers-11 (May 2026; same syntax since -08):
 
-    RateLimit-Policy: "default";q=<burst>;w=<ceil(burst / rate)>   burst requests per window: never more than
-                                                                  the rate on average, and all at once is fine
+    RateLimit-Policy: "default";q=<rate * w>;w=<w>       q/w is exactly the rate; w is the whole number of
+                                                        seconds an empty bucket takes to refill, rounded up
+                                                        to one in which the rate earns whole requests (so
+                                                        q >= burst, the most r ever says)
     RateLimit: "default";r=<whole tokens left>;t=<seconds>         t: until the bucket is full again, or, when
                                                                   r=0, until the next request is allowed (so
                                                                   on a 429 t = Retry-After, as the draft's
@@ -25,6 +27,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Final
 
 from aiohttp import web
@@ -55,8 +58,21 @@ class Policy:
         if rate <= 0:
             return None
         size = burst if burst > 0 else max(1, math.ceil(rate))
-        window = max(1, math.ceil(size / rate))
-        return cls(rate=rate, burst=size, header=f'"{POLICY_NAME}";q={size};w={window}')
+        quota, window = _quota_and_window(rate, size)
+        return cls(rate=rate, burst=size, header=f'"{POLICY_NAME}";q={quota};w={window}')
+
+
+def _quota_and_window(rate: float, burst: int) -> tuple[int, int]:
+    """Whole (q, w) with q/w == ``rate`` and q >= ``burst``, w as small as that allows.
+
+    ``rate`` = n/d in lowest terms earns whole requests only in multiples of d seconds: w = k*d, q = k*n for
+    the least k with k*n >= burst. (RATE_LIMIT=2 RATE_BURST=3: q=4;w=2.)
+    """
+    exact = Fraction(rate).limit_denominator(1_000_000)  # 0.1 is 1/10, not the float's 2**-55 multiple
+    if exact <= 0:  # below a millionth per second: round the window, not the rate, to zero
+        return 1, max(1, math.ceil(1 / rate))
+    k = max(1, math.ceil(burst / exact.numerator))
+    return k * exact.numerator, k * exact.denominator
 
 
 class RateLimiter:

@@ -154,3 +154,19 @@ async def test_no_rate_limit_by_default(make_stack: Callable[..., Stack], http: 
     ))
     assert {r.status for r in answers} == {404}
     assert "RateLimit" not in answers[0].headers
+
+
+async def test_ratelimit_policy_states_the_configured_rate_exactly(
+    make_stack: Callable[..., Stack], http: aiohttp.ClientSession
+) -> None:
+    """Issue 13: RATE_LIMIT=2 RATE_BURST=3 was described as q=3;w=2 (1.5/s). Now q/w is 2/s, and q is no
+    smaller than the burst the bucket really allows at once."""
+    stack = make_stack(rate_limit=2, rate_burst=3)
+    gateway = stack.start_gateway()
+    url = f"{gateway.url}/api/external/customers/nobody"
+    answers = await asyncio.gather(*(get_status(http, url, {}) for _ in range(4)))
+    assert sorted(r.status for r in answers) == [404, 404, 404, 429]  # the burst: 3 at once
+    policy = answers[0].headers["RateLimit-Policy"]
+    assert policy == '"default";q=4;w=2'
+    quota, window = (int(part.split("=")[1]) for part in policy.split(";")[1:])
+    assert quota / window == 2 and quota >= 3

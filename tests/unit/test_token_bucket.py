@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 from aiohttp import web
@@ -111,15 +112,21 @@ def test_policy_burst_defaults_to_the_rate_rounded_up_and_zero_rate_means_no_lim
         (10, 10, '"default";q=10;w=1'),
         (10, 20, '"default";q=20;w=2'),
         (0.5, 1, '"default";q=1;w=2'),
-        (100, 5, '"default";q=5;w=1'),
-        (3, 10, '"default";q=10;w=4'),
+        (100, 5, '"default";q=100;w=1'),
+        (3, 10, '"default";q=12;w=4'),
+        (2, 3, '"default";q=4;w=2'),  # issue 13: was q=3;w=2, 1.5/s
+        (2.5, 0, '"default";q=5;w=2'),
+        (0.1, 0, '"default";q=1;w=10'),
     ],
 )
-def test_ratelimit_policy_field_never_promises_more_than_the_rate(rate: float, burst: int, header: str) -> None:
+def test_ratelimit_policy_field_states_exactly_the_rate_and_a_quota_no_smaller_than_the_burst(
+    rate: float, burst: int, header: str
+) -> None:
     policy = Policy.of(rate, burst)
     assert policy is not None and policy.header == header
-    window = int(header.rsplit("=", 1)[1])
-    assert burst / window <= rate  # q/w: a client spreading q over w stays within the rate
+    quota, window = (int(part.split("=")[1]) for part in header.split(";")[1:])
+    assert Fraction(quota, window) == Fraction(str(rate))  # q/w: the rate itself, not less, not more
+    assert quota >= policy.burst  # r (whole tokens left, at most the burst) never exceeds q
 
 
 def test_ratelimit_field_gives_tokens_left_and_seconds_until_full_or_until_the_next_request() -> None:
