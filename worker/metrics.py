@@ -7,10 +7,15 @@ shutdown (started before consuming, stopped after the drain, so the last scrape 
 
 Every worker replica serves its own numbers; Prometheus finds each replica by DNS (``monitoring/prometheus.yml``)
 and sums them.
+
+The port: METRICS_PORT when it is set (taken: start-up fails; 0: no server). Unset, it is 9100 or, when that
+is taken, the next free one of the ``PORTS_TRIED`` from 9100 up, logged: so several workers on one machine,
+each started the README's way (``make run-worker``, no METRICS_PORT), all run. Compose sets METRICS_PORT=9100.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Final, Literal
 
@@ -23,6 +28,7 @@ from shared.settings import Settings
 log = logging.getLogger("worker.metrics")
 
 DEFAULT_PORT: Final = 9100
+PORTS_TRIED: Final = 100  # METRICS_PORT unset: 9100..9199, the first free one
 # created/updated: the row was written; superseded: an older stamp than the stored row's (nothing written);
 # phone_taken / idempotency_conflict: business refusals; duplicate: the request id was already processed.
 AppliedOutcome = Literal["created", "updated", "superseded", "phone_taken", "idempotency_conflict", "duplicate"]
@@ -110,10 +116,11 @@ class WorkerMetrics:
 class MetricsServer:
     """``GET /metrics`` on ``host:port`` for one registry; ``start()`` and ``stop()`` are explicit."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, tries: int = 1) -> None:
         self.registry = registry
         self.host = host
-        self.port = port
+        self.port = port  # once started: the port listened on
+        self.tries = tries  # ports tried in turn from ``port`` while they are taken
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -121,19 +128,38 @@ class MetricsServer:
         return metrics_response(self.registry)
 
     async def start(self) -> None:
-        """Listen; raises OSError when the port is taken (a start-up failure like an unreachable broker)."""
+        """Listen; raises OSError when every port tried is taken (a start-up failure like an unreachable
+        broker, naming the first)."""
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
         try:
-            await site.start()
+            site = await self._listen(runner)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner, self._site = runner, site
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def _listen(self, runner: web.AppRunner) -> web.TCPSite:
+        first_error: OSError | None = None
+        for port in range(self.port, min(self.port + self.tries, 65536)):
+            site = web.TCPSite(runner, self.host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                await site.stop()  # unregistered from the runner: it never listened
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                first_error = first_error or exc
+                continue
+            if port != self.port:
+                log.info("port %d (the default METRICS_PORT) is taken: using %d", self.port, port)
+                self.port = port
+            return site
+        assert first_error is not None
+        raise first_error
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -142,9 +168,10 @@ class MetricsServer:
 
 
 def metrics_server(settings: Settings, metrics: WorkerMetrics) -> MetricsServer | None:
-    """The server for ``settings``' METRICS_PORT, or None when it is 0 (metrics off)."""
-    # getattr: METRICS_PORT joins Settings with the code that starts this server.
-    port = int(getattr(settings, "metrics_port", DEFAULT_PORT))
+    """The server for ``settings``' METRICS_PORT, or None when it is 0 (metrics off); when METRICS_PORT is
+    not set, one that moves up from the default past taken ports."""
+    port = settings.metrics_port
     if port == 0:
         return None
-    return MetricsServer(metrics.registry, settings.host, port)
+    chosen = "metrics_port" in settings.model_fields_set  # set in the environment (compose: 9100, strictly)
+    return MetricsServer(metrics.registry, settings.host, port, tries=1 if chosen else PORTS_TRIED)
