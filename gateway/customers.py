@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -35,7 +36,12 @@ from shared.logs import set_request_id
 from shared.model import parse_customer
 from shared.request_ids import new_request_id
 
-MAX_IDEMPOTENCY_KEY = 255
+MAX_IDEMPOTENCY_KEY: Final = 255
+# What the OpenAPI document states (gateway.openapi): visible ASCII, inner spaces allowed, none around — a key
+# every client can send in a header, and every such key of 1..MAX_IDEMPOTENCY_KEY characters is accepted.
+# The gateway itself is laxer (any printable characters, surrounding whitespace stripped): see
+# ``parse_idempotency_key``.
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~](?:[ -~]*[!-~])?$"
 
 
 async def read_json_body(request: web.Request, limit: int, client_timeout: float) -> object:
@@ -62,10 +68,15 @@ async def read_json_body(request: web.Request, limit: int, client_timeout: float
 
 
 def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    return parse_idempotency_key(request.headers.get("Idempotency-Key"))
+
+
+def parse_idempotency_key(header: str | None) -> str | None:
+    """The key of an ``Idempotency-Key`` header value (None: no header): 1..MAX_IDEMPOTENCY_KEY printable
+    characters once stripped, else 400."""
+    if header is None:
         return None
-    key = key.strip()
+    key = header.strip()
     if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
         raise RequestInvalid(f"Idempotency-Key必须是1到{MAX_IDEMPOTENCY_KEY}个可打印字符")
     return key

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
+from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
 from gateway.responses import ACCEPTED_MESSAGE, CREATED_MESSAGE, SUPERSEDED_MESSAGE, UPDATED_MESSAGE
 from shared.errors import (
     INVALID_KEY,
@@ -41,7 +42,6 @@ from shared.settings import Settings
 JsonDict = dict[str, Any]
 
 EXTERNAL_API: Final = "/api/external"
-MAX_IDEMPOTENCY_KEY: Final = 255  # same bound as gateway.handlers.idempotency_key
 REQUEST_STATUSES: Final = ("pending", "created", "updated", "superseded", "phone_taken", "failed")
 
 _EXAMPLE_USER = "agent_user_12345"
@@ -573,10 +573,16 @@ def _document(settings: Settings) -> JsonDict:
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "description": f"可选。1到{MAX_IDEMPOTENCY_KEY}个可打印字符；"
+                    "description": f"可选。1到{MAX_IDEMPOTENCY_KEY}个可打印ASCII字符（中间可有空格，首尾不可），"
+                    "否则400；"
                     f"{settings.idempotency_window_hours:g}小时内相同键+相同内容的重试只应用一次，"
                     "相同键+不同内容返回422",
-                    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_IDEMPOTENCY_KEY,
+                        "pattern": IDEMPOTENCY_KEY_PATTERN,
+                    },
                 }
             },
             "headers": {

@@ -9,6 +9,7 @@ Rules under test (issue 3):
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.stamps import HybridClock
 from shared.topology import Topology
@@ -59,6 +61,23 @@ async def test_same_key_and_same_body_returns_the_first_answer_and_applies_once(
     assert len(rows) == 1, rows
     assert rows[0]["outcome"] == "created" and rows[0]["customer_id"] == first["data"]["id"]
     assert await customer_count(db, user) == 1
+
+
+async def test_the_longest_key_the_openapi_document_allows_is_accepted_and_honoured(
+    http: aiohttp.ClientSession, api: str, db: asyncpg.Pool
+) -> None:
+    """Issue 13: a client generated from the document must not send keys that get 400."""
+    key = new_key() + " !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+    key += "k" * (MAX_IDEMPOTENCY_KEY - len(key))
+    assert len(key) == MAX_IDEMPOTENCY_KEY and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)
+    body = {"userId": unique_user("idem-long"), "name": "张三"}
+
+    first_status, first = await post(http, api, body, headers={"Idempotency-Key": key})
+    second_status, second = await post(http, api, body, headers={"Idempotency-Key": key})
+
+    assert first_status == 201, first
+    assert (second_status, second["data"]["id"]) == (201, first["data"]["id"]), second
+    assert [row["outcome"] for row in await rows_for_key(db, key)] == ["created"]
 
 
 async def test_same_key_retry_does_not_revert_a_newer_change(

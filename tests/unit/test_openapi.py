@@ -20,12 +20,16 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from gateway import responses
+from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, parse_idempotency_key
 from gateway.docs import (
     DOCS,
     DOCS_ASSETS,
@@ -150,6 +154,36 @@ def test_idempotency_key_header_is_optional_and_bounded() -> None:
     header = DOC["components"]["parameters"]["IdempotencyKey"]
     assert (header["in"], header["name"], header["required"]) == ("header", "Idempotency-Key", False)
     assert (header["schema"]["minLength"], header["schema"]["maxLength"]) == (1, 255)
+
+
+def test_idempotency_key_constraints_of_the_document_are_the_gateways_constants() -> None:
+    schema = DOC["components"]["parameters"]["IdempotencyKey"]["schema"]
+    assert schema["maxLength"] == MAX_IDEMPOTENCY_KEY
+    assert schema["pattern"] == IDEMPOTENCY_KEY_PATTERN
+    assert f"1到{MAX_IDEMPOTENCY_KEY}个" in DOC["components"]["parameters"]["IdempotencyKey"]["description"]
+
+
+@given(st.from_regex(IDEMPOTENCY_KEY_PATTERN, fullmatch=True).filter(lambda key: len(key) <= MAX_IDEMPOTENCY_KEY))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_every_idempotency_key_the_document_allows_is_accepted(key: str) -> None:
+    assert Draft202012Validator(DOC["components"]["parameters"]["IdempotencyKey"]["schema"]).is_valid(key)
+    assert parse_idempotency_key(key) == key  # accepted, and used as sent
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", " ", " lead", "trail ", "x" * (MAX_IDEMPOTENCY_KEY + 1), "tab\there", "nul\x00"],
+    ids=["empty", "space", "leading-space", "trailing-space", "too-long", "tab", "nul"],
+)
+def test_the_document_refuses_keys_at_the_gateways_bounds(key: str) -> None:
+    assert not Draft202012Validator(DOC["components"]["parameters"]["IdempotencyKey"]["schema"]).is_valid(key)
+
+
+def test_the_longest_key_the_document_allows_is_accepted_one_more_is_400() -> None:
+    longest = "k" * (MAX_IDEMPOTENCY_KEY - 2) + " ~"
+    assert parse_idempotency_key(longest) == longest
+    with pytest.raises(RequestInvalid):
+        parse_idempotency_key(longest + "!")
 
 
 def test_202_links_to_the_request_status_endpoint() -> None:
