@@ -8,6 +8,7 @@ Middlewares, outermost first:
 Key and limit refusals are answered by their own middlewares through ``gateway.errors.error_response`` (the
 same shape and headers): outside the error middleware, so the limiter sees, and stamps, every final answer,
 and inside the metrics one, so 401s and 429s are counted and timed.
+``Server: crm-gateway`` on every answer (``gateway.server.name_the_server``), no versions.
 Resources, opened in this order at start-up and closed in reverse (cleanup contexts): the API keys (SIGHUP
 handler, file watcher; a bad keys file fails start-up before anything opens), the database clock,
 the read-only database pool (neither may fail start-up: Postgres can be away), the broker connection.
@@ -24,7 +25,15 @@ from gateway.access_log import access_log_middleware
 from gateway.auth import AUTH, ApiKeys, api_keys_ctx, require_api_key
 from gateway.backpressure import cap_in_flight
 from gateway.customers import get_customer, post_customer
-from gateway.docs import DOCS, DOCS_ASSETS_ROUTE, docs_asset, docs_page, load_docs, openapi_json
+from gateway.docs import (
+    DOCS,
+    DOCS_ASSETS_ROUTE,
+    docs_asset,
+    docs_page,
+    docs_with_slash,
+    load_docs,
+    openapi_json,
+)
 from gateway.errors import error_middleware
 from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
@@ -32,6 +41,7 @@ from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
 from gateway.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
 from gateway.request_status import get_request_status
 from gateway.rpc import RpcClient
+from gateway.server import name_the_server
 from gateway.state import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
 from gateway.store import ReadStore
 from shared.settings import Settings
@@ -84,6 +94,7 @@ def create_app(settings: Settings) -> web.Application:
             access_log_middleware, track_in_flight, http_metrics, *access_control, error_middleware, cap_in_flight,
         ],
     )
+    app.on_response_prepare.append(name_the_server)
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[METRICS] = GatewayMetrics()
@@ -105,5 +116,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs_page)
+    app.router.add_get("/docs/", docs_with_slash)
     app.router.add_get(DOCS_ASSETS_ROUTE, docs_asset)
     return app

@@ -3,7 +3,9 @@
 At start-up ``load_docs(settings)`` builds the OpenAPI document once (``gateway.openapi``) and reads the page
 and the Swagger UI files shipped in the package (``gateway/static``) into memory; the handlers only write
 those bytes. ``/docs`` loads its assets from ``/docs/assets/...`` on this server, and its
-Content-Security-Policy lets the browser load nothing from any other origin.
+Content-Security-Policy lets the browser load nothing from any other origin. ``/docs/`` redirects to
+``/docs`` (301, relative ``Location``: the page's asset paths are relative to ``/docs``, and a proxy's path
+prefix survives).
 
 Plain in-memory responses rather than ``FileResponse``/``add_static``: the gateway's in-flight middleware
 writes every response itself, which a ``FileResponse`` does not survive; and 2 MB held once is cheap.
@@ -87,6 +89,10 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 async def docs_page(request: web.Request) -> web.Response:
     return _respond(request, request.app[DOCS].page, {"Content-Security-Policy": DOCS_CSP})
+
+
+async def docs_with_slash(request: web.Request) -> web.Response:
+    return web.Response(status=301, headers={"Location": "../docs", "Cache-Control": "no-cache"})
 
 
 async def docs_asset(request: web.Request) -> web.Response:

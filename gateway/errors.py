@@ -1,7 +1,9 @@
 """The error middleware: the only place where errors become HTTP responses.
 
 Every error body has the spec's shape ``{"success": false, "error": ..., "message": ...}``; nothing the
-client sends can produce a stack trace or a 500 (a 500 means the worker gave up or we have a bug).
+client sends can produce a stack trace or a 500 (a 500 means the worker gave up or we have a bug). What
+aiohttp's own exception would have said in a header is kept: a 405 lists the route's methods in ``Allow``
+(RFC 9110 section 15.5.6).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         response = error_response(_from_http_exception(exc), retry_after)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = exc.headers["Allow"]  # aiohttp's: the route's methods, sorted
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = json_response(

@@ -8,6 +8,9 @@
   for as long as it likes. ``_DeadlineRequestHandler`` starts a timer at the first byte of each request and
   closes the connection if the head is not complete when it fires; the body is read under the same deadline
   by the handler (``gateway.customers.read_json_body``: 408).
+* Every answer says ``Server: crm-gateway`` (``SERVER_NAME``), never aiohttp's default naming the Python and
+  aiohttp versions: ``name_the_server`` (the app's ``on_response_prepare``) for the app's answers,
+  ``handle_error`` for the parser's refusals.
 
 This reaches into two private attributes of aiohttp's ``RequestHandler`` (``_messages``: parsed heads waiting
 for the handler task; ``_current_request``: the request being handled), stable since aiohttp 3.8;
@@ -18,13 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from shared.settings import Settings
+
+SERVER_NAME: Final = "crm-gateway"
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: runs before aiohttp would default the header to its versions."""
+    response.headers["Server"] = SERVER_NAME
 
 
 class _DeadlineRequestHandler(RequestHandler):
@@ -65,7 +75,8 @@ class _DeadlineRequestHandler(RequestHandler):
         else:
             error, summary = "请求格式错误（请求行或请求头不合法、过长或过多）", "请求无效"
         body = orjson.dumps({"success": False, "error": error, "message": summary})
-        answer = web.Response(body=body, status=response.status, content_type="application/json")
+        answer = web.Response(body=body, status=response.status, content_type="application/json",
+                              headers={"Server": SERVER_NAME})
         answer.force_close()
         return answer
 

@@ -1,5 +1,6 @@
 """HTTP errors of ``POST /api/external/customers``: status codes, one JSON error shape, no stack traces,
-and nothing written for a refused request."""
+and nothing written for a refused request; and for every route, a 405 that names the allowed methods (``Allow``)
+and a ``Server`` header naming no versions (issue 13)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import asyncpg
 import orjson
 import pytest
 
+from gateway.openapi import build_openapi
+from gateway.server import SERVER_NAME
+from shared.settings import Settings
 from tests.conftest import post
 from tests.support import Gateway, unique_phone, unique_user
 
@@ -308,3 +312,66 @@ async def test_body_with_a_broken_content_encoding_is_400_not_500(api: str) -> N
         body = await response.json(content_type=None)
         assert response.status == 400, body
     assert body["success"] is False and body["message"] == "请求数据验证失败"
+
+
+# ---- 405 names the allowed methods; no versions in Server; /docs/ ---------------------------------------
+
+
+def _routes() -> list[tuple[str, set[str]]]:
+    """(a concrete path, its methods) for every path of the OpenAPI document, and a docs asset."""
+    document = build_openapi(Settings())
+    examples = {"{userId}": "someone", "{requestId}": "01920b6e-5f3a-7cc2-9b1e-4f6d2a8c0e31"}
+    routes = []
+    for path, item in document["paths"].items():
+        for placeholder, value in examples.items():
+            path = path.replace(placeholder, value)
+        routes.append((path, {method.upper() for method in item}))
+    return [*routes, ("/docs/assets/docs.js", {"GET"})]
+
+
+@pytest.mark.parametrize(("path", "methods"), _routes(), ids=lambda value: value if isinstance(value, str) else "")
+async def test_every_405_lists_the_allowed_methods_in_allow(
+    http: aiohttp.ClientSession, gateway: Gateway, path: str, methods: set[str]
+) -> None:
+    wrong = "DELETE" if "DELETE" not in methods else "PATCH"
+    async with http.request(wrong, gateway.url + path) as response:
+        body = await response.json(content_type=None)
+        allow = response.headers.get("Allow")
+    assert_error_shape(response.status, body, 405)
+    assert allow is not None, f"{wrong} {path}: 405 without Allow (RFC 9110 section 15.5.6)"
+    expected = methods | ({"HEAD"} if "GET" in methods else set())  # aiohttp answers HEAD wherever GET
+    assert {method.strip() for method in allow.split(",")} == expected, allow
+
+
+async def test_every_answer_names_the_server_without_versions(
+    http: aiohttp.ClientSession, gateway: Gateway, api: str
+) -> None:
+    answers = []
+    async with http.get(f"{gateway.url}/healthz") as response:
+        answers.append((response.status, response.headers.get("Server")))
+    async with http.post(api, json={"name": "no userId"}) as response:
+        answers.append((response.status, response.headers.get("Server")))
+    async with http.get(f"{gateway.url}/nowhere") as response:
+        answers.append((response.status, response.headers.get("Server")))
+    async with http.delete(f"{gateway.url}/healthz") as response:
+        answers.append((response.status, response.headers.get("Server")))
+    # Refused by aiohttp's parser, before any middleware: a header over MAX_HEADER_SIZE.
+    async with http.get(f"{gateway.url}/healthz", headers={"X-Long": "x" * 20_000}) as response:
+        answers.append((response.status, response.headers.get("Server")))
+    assert answers == [(200, SERVER_NAME), (400, SERVER_NAME), (404, SERVER_NAME), (405, SERVER_NAME),
+                       (400, SERVER_NAME)]
+    assert SERVER_NAME == "crm-gateway"  # no "Python/3.x aiohttp/3.y", no version of ours either
+
+
+async def test_docs_with_a_trailing_slash_leads_to_the_docs_page(
+    http: aiohttp.ClientSession, gateway: Gateway
+) -> None:
+    async with http.get(f"{gateway.url}/docs/", allow_redirects=False) as response:
+        assert response.status == 301, await response.text()
+        location = response.headers["Location"]
+    assert location == "../docs"  # relative: a proxy's path prefix is kept
+    async with http.get(f"{gateway.url}/docs/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        assert response.url.path == "/docs"
+        assert "swagger-ui" in await response.text()
