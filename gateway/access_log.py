@@ -1,7 +1,8 @@
 """The access log: one line per HTTP request, and the middleware that scopes the request ids to it.
 
 Flow: ``access_log_middleware`` (outermost) binds the caller's ``X-Request-Id`` as ``client_request_id`` →
-the handler binds our own id with ``shared.logs.set_request_id`` once it has made one → every line logged
+``gateway.request_id`` binds our own id of a POST with ``shared.logs.set_request_id`` (and the handler its
+accepted form, once the broker confirmed) → every line logged
 while handling the request (the error middleware's too) carries both → after the response, one
 ``http request`` line with method, path, status, duration, both ids, the peer and the API key's *name*
 (``gateway.auth`` sets it; never the key) → both ids are unbound.

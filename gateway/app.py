@@ -1,7 +1,8 @@
 """``create_app(settings)``: the one place that wires the gateway's middlewares, routes and resources.
 
 Middlewares, outermost first:
-  access log (one line per request, request ids bound)  ->  in-flight count (SIGTERM waits for it)  ->
+  access log (one line per request, request ids bound)  ->  in-flight count (SIGTERM waits for it; writes the
+  answer)  ->  request id (every POST's X-Request-Id, unaccepted until the broker confirms)  ->
   metrics (count and time, final status)  ->  API key (401)  ->  rate limit (429; RateLimit fields on every
   answer)  ->  errors (the only place errors become HTTP)  ->
   in-flight cap (503 past MAX_IN_FLIGHT)  ->  handler
@@ -39,6 +40,7 @@ from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
 from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
 from gateway.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
+from gateway.request_id import issue_request_id
 from gateway.request_status import get_request_status
 from gateway.rpc import RpcClient
 from gateway.server import name_the_server
@@ -91,7 +93,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.body_limit,
         middlewares=[
-            access_log_middleware, track_in_flight, http_metrics, *access_control, error_middleware, cap_in_flight,
+            access_log_middleware, track_in_flight, issue_request_id, http_metrics, *access_control,
+            error_middleware, cap_in_flight,
         ],
     )
     app.on_response_prepare.append(name_the_server)

@@ -1,8 +1,10 @@
 """The customers resource: ``POST /api/external/customers`` (upsert) and ``GET .../{userId}`` (read-back).
 
-POST flow: make the request id (UUIDv7 on the shared timeline; the log lines, the ``X-Request-Id`` header,
-the envelope, the processed record and a dead letter all carry it) -> validate -> stamp -> publish and wait
-for the broker's confirm -> wait for the worker's outcome up to RPC_TIMEOUT, else 202 with the id to poll.
+POST flow: the request id was made by ``gateway.request_id`` (unaccepted form) -> validate -> stamp ->
+publish under the id's accepted form and wait for the broker's confirm -> from then on the answer and the log
+lines carry the accepted id (so do the envelope, the processed record and a dead letter) -> wait for the
+worker's outcome up to RPC_TIMEOUT, else 202 with the id to poll. A refusal before the confirm keeps the
+unaccepted id, which ``GET /api/external/requests/{id}`` answers 404.
 Errors are raised, never answered here: ``gateway.errors`` turns them into HTTP (with the id).
 """
 
@@ -18,8 +20,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
+from gateway.request_id import accept_request_id, accepted
 from gateway.server import request_started, stop_lingering
-from gateway.state import API_KEY_NAME, METRICS, REQUEST_ID, RPC, SETTINGS, STORE, TIMELINE
+from gateway.state import API_KEY_NAME, METRICS, RPC, SETTINGS, STORE, TIMELINE
 from shared.envelope import RequestEnvelope, body_hash
 from shared.errors import (
     BodyTooLarge,
@@ -32,9 +35,7 @@ from shared.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from shared.logs import set_request_id
 from shared.model import parse_customer
-from shared.request_ids import new_request_id
 
 MAX_IDEMPOTENCY_KEY: Final = 255
 # What the OpenAPI document states (gateway.openapi): visible ASCII, inner spaces allowed, none around — a key
@@ -86,9 +87,7 @@ async def post_customer(request: web.Request) -> web.Response:
     started = time.monotonic()
     app = request.app
     settings, rpc, metrics, timeline = app[SETTINGS], app[RPC], app[METRICS], app[TIMELINE]
-    request_id = new_request_id(timeline.now_us() // 1000)
-    request[REQUEST_ID] = request_id
-    set_request_id(request_id)
+    request_id = accept_request_id(request)  # carried by the envelope; the answer's only once confirmed
 
     data = await read_json_body(request, settings.body_limit, settings.client_timeout)
     customer = parse_customer(data)
@@ -108,7 +107,8 @@ async def post_customer(request: web.Request) -> web.Response:
         outcome_future = await rpc.submit(envelope)  # returns once the broker confirmed: nothing is lost now
     except ServiceUnavailable:
         metrics.count_outcome("unavailable")
-        raise
+        raise  # answered with the unaccepted id: the 503 says "not accepted", and so does the id
+    accepted(request, request_id)
     remaining = settings.rpc_timeout - (time.monotonic() - started)
     try:
         outcome = await asyncio.wait_for(outcome_future, timeout=max(remaining, 0.001))

@@ -3,7 +3,7 @@
 Every error body has the spec's shape ``{"success": false, "error": ..., "message": ...}``; nothing the
 client sends can produce a stack trace or a 500 (a 500 means the worker gave up or we have a bug). What
 aiohttp's own exception would have said in a header is kept: a 405 lists the route's methods in ``Allow``
-(RFC 9110 section 15.5.6).
+(RFC 9110 section 15.5.6). The ``X-Request-Id`` of a POST's answer is set by ``gateway.request_id``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.access_log import REQUEST_ID_HEADER
 from gateway.responses import json_response
 from gateway.state import REQUEST_ID, SETTINGS
 from shared.errors import (
@@ -80,8 +79,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_response(
             {"success": False, "error": "服务器内部错误", "message": "服务器处理失败"}, status=500
         )
-    # Every answer to a request that got an id names it, errors included.
-    request_id = request.get(REQUEST_ID)
-    if request_id is not None:
-        response.headers[REQUEST_ID_HEADER] = request_id
     return response

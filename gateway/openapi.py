@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
 from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
+from gateway.request_status import REFUSED
 from gateway.responses import ACCEPTED_MESSAGE, CREATED_MESSAGE, SUPERSEDED_MESSAGE, UPDATED_MESSAGE
 from shared.errors import (
     INVALID_KEY,
@@ -47,6 +48,7 @@ REQUEST_STATUSES: Final = ("pending", "created", "updated", "superseded", "phone
 _EXAMPLE_USER = "agent_user_12345"
 _USER_ID = "CustomerIn/properties/userId"
 _EXAMPLE_REQUEST_ID = "01920b6e-5f3a-7cc2-9b1e-4f6d2a8c0e31"  # a UUIDv7
+_EXAMPLE_REFUSED_ID = "01920b6e-5f3a-7bad-9b1e-4f6d2a8c0e31"  # its unaccepted form (shared.request_ids)
 
 # The scenario bodies of the API spec (customer-api.zh.md, "业务场景示例"), verbatim.
 SPEC_EXAMPLES: Final[dict[str, JsonDict]] = {
@@ -412,11 +414,18 @@ def _get_request_status() -> JsonDict:
         "operationId": "getRequestStatus",
         "tags": ["requests"],
         "summary": "查询已受理请求（202）的结果",
+        "description": "用POST回答中的requestId（202响应体或X-Request-Id头）查询。"
+        "被拒绝的POST（400、401、413、415、429、503等）的X-Request-Id是“未受理”形式的ID"
+        f"（第三段为7bad，如{_EXAMPLE_REFUSED_ID}）：这样的请求从未被受理、不会被处理，"
+        "查询它回答404，绝不会是pending。网关在消息代理确认收到请求后才给出已受理形式的ID。"
+        "其他UUIDv7在保留期内（且尚无结果）回答pending，超出保留期或不是UUIDv7回答404。",
         "parameters": [{"name": "requestId", "in": "path", "required": True, "schema": _request_id_schema()}],
         "responses": {
             "200": {"description": "请求的当前结果", "content": _json(_ref("schemas", "RequestStatus"))},
             "404": _error_response(
-                "未知的请求ID（或已超出保留期）", ("unknown", _error_example(NotFound("请求不存在")))
+                "未知的请求ID、已超出保留期，或是被拒绝的请求的ID（未受理形式，第三段为7bad）",
+                ("unknown", _error_example(NotFound("请求不存在"))),
+                ("refused", _error_example(NotFound(f"{REFUSED}：{_EXAMPLE_REFUSED_ID}"))),
             ),
             "503": _database_down(),
         },
@@ -556,7 +565,8 @@ def _document(settings: Settings) -> JsonDict:
                 "- 只有userId必填；缺省、null或\"\"的字段视为未提供，不覆盖已存储的值。\n"
                 "- 回答202时请求已受理且不会丢失：用requestId轮询 GET /api/external/requests/{requestId}。\n"
                 "- 503时请求未被接受，按Retry-After重试；带Idempotency-Key的重试不会重复应用。\n"
-                "- 每个POST回答都带X-Request-Id头（UUIDv7），与日志、死信中的请求ID相同。"
+                "- 每个POST回答都带X-Request-Id头（UUIDv7），与日志、死信中的请求ID相同；"
+                "被拒绝的请求的ID是未受理形式（第三段为7bad），查询它回答404。"
             ),
         },
         "servers": [{"url": "/"}],
@@ -587,7 +597,8 @@ def _document(settings: Settings) -> JsonDict:
             },
             "headers": {
                 "XRequestId": {
-                    "description": "本请求的ID（UUIDv7），与202响应体、处理记录、死信和日志中的ID相同",
+                    "description": "本请求的ID（UUIDv7），与202响应体、处理记录、死信和日志中的ID相同。"
+                    "请求未被受理时（4xx、503）为未受理形式（第三段为7bad）：查询它回答404",
                     "schema": _request_id_schema(),
                 },
                 "RetryAfter": {

@@ -3,6 +3,10 @@
 A bot that got a 202 polls this with the ``requestId`` of the 202 body: ``pending`` until a worker applied it,
 then ``created`` / ``updated`` / ``superseded`` / ``phone_taken`` (with the customer ``id``), or ``failed``
 (dead-lettered, with the reason) — and after a successful replay, the replay's outcome.
+
+404 for an id that is not ours, is past PROCESSED_RETENTION_HOURS, or was handed out with a refusal (400, 401,
+413, 429, 503...: its unaccepted form, ``shared.request_ids.was_refused``; such a request was never accepted
+and never will be applied) — told apart from the id alone, without asking the database.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ from aiohttp import web
 from gateway import responses
 from gateway.state import STORE, TIMELINE
 from shared.errors import RequestNotFound
+from shared.request_ids import was_refused
+
+REFUSED = "请求未被受理（提交时已被拒绝），不会被处理"
 
 
 async def get_request_status(request: web.Request) -> web.Response:
     request_id = request.match_info["requestId"]
+    if was_refused(request_id):
+        raise RequestNotFound(f"{REFUSED}：{request_id}")
     now_ms = request.app[TIMELINE].now_us() // 1000
     status = await request.app[STORE].request_status(request_id, now_ms)
     if status is None:

@@ -16,7 +16,8 @@ RPC = web.AppKey("rpc", RpcClient)
 TIMELINE = web.AppKey("timeline", Timeline)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 STORE = web.AppKey("store", ReadStore)
-# Per request: our request id, once the handler made one (the error middleware puts it in X-Request-Id).
+# Per request (POSTs): our request id, made by gateway.request_id (which puts it in X-Request-Id) in its
+# unaccepted form, and turned into its accepted form by the handler once the broker confirmed the request.
 REQUEST_ID = "crm_request_id"
 # Per request, once gateway.auth accepted its API key: the configured entry (name and limits, never the key)
 # and its name (for the envelope, the access log and the metrics).

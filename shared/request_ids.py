@@ -2,7 +2,16 @@
 
 The time inside an id is what lets ``GET /api/external/requests/{id}`` tell "accepted, not applied yet"
 (a well-formed id of our format inside the retention window) from "never heard of it" (404) without storing
-anything at accept time. Pure functions; the caller passes the time (the gateway uses the shared timeline).
+anything at accept time.
+
+Accepted or not is written in the id too, so that an id handed out with a refusal is never answered
+``pending``, again without storing anything: the gateway makes every POST's id in its *unaccepted* form
+(``new_unaccepted_request_id``: the 12 ``rand_a`` bits, the three hex digits after the version ``7``, are
+``bad``, so the id reads ``xxxxxxxx-xxxx-7bad-...``) and turns it into its *accepted* form
+(``accepted_request_id``: fresh random ``rand_a``, never ``bad``; time and the last 62 bits kept) only when
+the broker has confirmed the request. An id whose ``rand_a`` is ``bad`` was therefore never accepted
+(``was_refused``). A UUIDv7 made elsewhere carries ``bad`` there once in 4096 and is otherwise read exactly
+as before. Pure functions; the caller passes the time (the gateway uses the shared timeline).
 """
 
 from __future__ import annotations
@@ -12,16 +21,43 @@ import uuid
 from typing import Final
 
 VERSION: Final = 7
+# rand_a (bits 64..75 of the 128, right after the version nibble) of an id that was not accepted.
+REFUSED_MARK: Final = 0xBAD
+_RAND_A_SHIFT: Final = 64
+_RAND_A: Final = 0xFFF << _RAND_A_SHIFT
 
 
-def new_request_id(now_ms: int) -> str:
-    """A UUIDv7 for the Unix time ``now_ms`` (milliseconds): 48-bit time, version, 74 random bits."""
-    value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (VERSION << 76)  # version nibble
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122/9562 variant
+def _text(value: int) -> str:
     # str(uuid.UUID(int=value)) gives the same text at twice the cost (once per request).
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _fresh_rand_a() -> int:
+    rand_a = int.from_bytes(os.urandom(2), "big") & 0xFFF
+    return rand_a ^ 1 if rand_a == REFUSED_MARK else rand_a  # an accepted id never reads as refused
+
+
+def new_request_id(now_ms: int) -> str:
+    """An accepted-form UUIDv7 for the Unix time ``now_ms`` (ms): 48-bit time, version, 74 random bits
+    (``rand_a`` never ``REFUSED_MARK``)."""
+    value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (VERSION << 76)  # version nibble
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122/9562 variant
+    value = (value & ~_RAND_A) | (_fresh_rand_a() << _RAND_A_SHIFT)
+    return _text(value)
+
+
+def new_unaccepted_request_id(now_ms: int) -> str:
+    """The id of a request not accepted (yet): a UUIDv7 for ``now_ms`` whose ``rand_a`` is ``REFUSED_MARK``."""
+    value = int(new_request_id(now_ms).replace("-", ""), 16)
+    return _text((value & ~_RAND_A) | (REFUSED_MARK << _RAND_A_SHIFT))
+
+
+def accepted_request_id(request_id: str) -> str:
+    """The accepted form of one of our ids (same time, same last 62 bits, fresh ``rand_a``)."""
+    value = int(request_id.replace("-", ""), 16)
+    return _text((value & ~_RAND_A) | (_fresh_rand_a() << _RAND_A_SHIFT))
 
 
 def request_id_time_ms(request_id: str) -> int | None:
@@ -35,3 +71,8 @@ def request_id_time_ms(request_id: str) -> int | None:
     if str(parsed) != request_id or parsed.version != VERSION or parsed.variant != uuid.RFC_4122:
         return None
     return parsed.int >> 80
+
+
+def was_refused(request_id: str) -> bool:
+    """True for a canonical UUIDv7 in its unaccepted form: handed out with a refusal, never to be applied."""
+    return request_id_time_ms(request_id) is not None and request_id[15:18] == f"{REFUSED_MARK:03x}"

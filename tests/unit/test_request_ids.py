@@ -1,5 +1,5 @@
-"""Request ids (``shared.request_ids``): canonical UUIDv7 carrying the time they were made, and the parser
-that tells our ids from anything else."""
+"""Request ids (``shared.request_ids``): canonical UUIDv7 carrying the time they were made and whether they were
+accepted, and the parser that tells our ids from anything else."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import uuid
 
 import pytest
 
-from shared.request_ids import new_request_id, request_id_time_ms
+from shared.request_ids import (
+    accepted_request_id,
+    new_request_id,
+    new_unaccepted_request_id,
+    request_id_time_ms,
+    was_refused,
+)
 
 CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 NOW_MS = 1_767_225_600_123  # 2026-01-01T00:00:00.123Z
@@ -85,3 +91,44 @@ def test_request_id_time_ms_reads_a_foreign_but_valid_uuidv7() -> None:
 )
 def test_request_id_time_ms_is_none_for_anything_but_a_canonical_uuidv7(text: str) -> None:
     assert request_id_time_ms(text) is None
+
+
+# ---- accepted or not, written in the id (issue 13) ------------------------------------------------------
+
+
+def test_an_unaccepted_id_is_a_canonical_uuidv7_reading_7bad_and_is_known_as_refused() -> None:
+    request_id = new_unaccepted_request_id(NOW_MS)
+    assert CANONICAL.fullmatch(request_id), request_id
+    assert request_id[14:18] == "7bad"
+    assert request_id_time_ms(request_id) == NOW_MS
+    assert was_refused(request_id)
+
+
+def test_the_accepted_form_keeps_time_and_last_62_bits_and_is_not_refused() -> None:
+    for _ in range(2_000):  # rand_a is redrawn: it must never come out as the mark
+        unaccepted = new_unaccepted_request_id(NOW_MS)
+        accepted = accepted_request_id(unaccepted)
+        assert CANONICAL.fullmatch(accepted), accepted
+        assert not was_refused(accepted), accepted
+        assert request_id_time_ms(accepted) == NOW_MS
+        assert (accepted[:14], accepted[19:]) == (unaccepted[:14], unaccepted[19:])
+
+
+def test_new_request_ids_are_never_in_the_refused_form() -> None:
+    assert not any(was_refused(new_request_id(NOW_MS)) for _ in range(20_000))
+
+
+def test_unaccepted_ids_are_unique_within_one_millisecond() -> None:
+    ids = [new_unaccepted_request_id(NOW_MS) for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(("rand_a", "refused"), [(0xBAD, True), (0xBAC, False), (0x000, False), (0xFFF, False)])
+def test_a_foreign_uuidv7_is_taken_as_refused_only_with_rand_a_bad(rand_a: int, refused: bool) -> None:
+    value = NOW_MS << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | 0x0123_4567_89AB_CDEF
+    assert was_refused(str(uuid.UUID(int=value))) is refused
+
+
+def test_only_a_canonical_uuidv7_is_taken_as_refused() -> None:
+    request_id = new_unaccepted_request_id(NOW_MS)
+    assert not any(was_refused(text) for text in (request_id.upper(), request_id[:-1], "x" * 14 + "7bad"))
