@@ -27,9 +27,10 @@ from aio_pika.abc import (
 )
 
 from gateway.metrics import GatewayMetrics
+from shared.brokers import connect_robust
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.errors import ServiceUnavailable
-from shared.settings import Settings
+from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.topology import Topology, shard_for
 
 log = logging.getLogger("gateway.rpc")
@@ -40,6 +41,7 @@ BROKER_BLOCKED = "消息队列资源告警（内存或磁盘），请求未被�
 
 
 ALARM_PROBE_INTERVAL = 1.0
+BLOCKED_CHECK_INTERVAL = 0.05  # reads one flag: checking often costs nothing
 ALARM_PROBE_KEY = "alarm-probe"  # bound to no queue
 
 
@@ -87,13 +89,15 @@ class RpcClient:
         self._sweeper: asyncio.Task[None] | None = None
         self._reply_tag: str | None = None
         self._alarm_probe: asyncio.Task[None] | None = None
+        self._alarm_watch: asyncio.Task[None] | None = None
+        # Requests on the wire, waiting for their publisher confirm (see _answer_blocked).
+        self._awaiting_confirm: set[_Queued] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": f"crm-gateway-{self.instance}"}
-        )
+        self.connection = await connect_robust(
+            self.settings.amqp_url, name=f"crm-gateway-{self.instance}", attempt_timeout=CONNECT_TIMEOUT)
         # on_return_raises: a request the broker cannot route is an error (503), never silently accepted.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         assert self.channel is not None
@@ -106,13 +110,15 @@ class RpcClient:
         self._reply_tag = await self.reply_queue.consume(self._on_reply, no_ack=True)
         self._sweeper = asyncio.create_task(self._withdraw_expired())
         self._alarm_probe = asyncio.create_task(self._probe_alarms())
+        self._alarm_watch = asyncio.create_task(self._answer_blocked())
         log.info("gateway %s connected; replies on %s", self.instance, self.reply_queue.name)
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._alarm_probe is not None:
-            self._alarm_probe.cancel()
+        for task in (self._alarm_probe, self._alarm_watch):
+            if task is not None:
+                task.cancel()
         if self._flush_tasks:
             await asyncio.gather(*self._flush_tasks, return_exceptions=True)
         if self.connection is not None:
@@ -180,6 +186,7 @@ class RpcClient:
                 batch = shard.queued[: self.settings.max_pack_size]
                 del shard.queued[: len(batch)]
                 self.metrics.observe_pack(len(batch))
+                self._awaiting_confirm.update(batch)
                 try:
                     await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
@@ -199,6 +206,8 @@ class RpcClient:
                     for item in batch:
                         if not item.confirmed.done():
                             item.confirmed.set_result(None)
+                finally:
+                    self._awaiting_confirm.difference_update(batch)
         finally:
             shard.publishing -= 1
 
@@ -219,6 +228,23 @@ class RpcClient:
                     aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
                     routing_key=ALARM_PROBE_KEY, mandatory=False, timeout=ALARM_PROBE_INTERVAL,
                 )
+
+    async def _answer_blocked(self) -> None:
+        """Once the connection is known to be blocked (an alarm), answer 503 for every request still waiting for
+        its confirm, at once instead of at PUBLISH_TIMEOUT.
+
+        A blocked connection is not read by the broker, so those publishes are not accepted now; they may be
+        once the alarm ends — the 503 says "not accepted, retry with the same Idempotency-Key" (README), and a
+        retry of one that did land is answered from processed_requests.
+        """
+        while True:
+            await asyncio.sleep(BLOCKED_CHECK_INTERVAL)
+            if self._awaiting_confirm and self.blocked:
+                waiting = [item for item in self._awaiting_confirm if not item.confirmed.done()]
+                for item in waiting:
+                    item.confirmed.set_exception(ServiceUnavailable(BROKER_BLOCKED))
+                if waiting:
+                    log.warning("broker alarm: %d requests waiting for a confirm answered 503", len(waiting))
 
     async def _withdraw_expired(self) -> None:
         """Answer 503 for requests still waiting to be sent at their deadline; they are never sent."""

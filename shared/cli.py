@@ -36,14 +36,14 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import SettingsError
 
+from shared.brokers import NodesUnreachable
 from shared.errors import CrmError
 from shared.logs import parse_log_level
-from shared.settings import Settings
+from shared.masking import mask_url
+from shared.settings import CONNECT_TIMEOUT, Settings
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
-# Start-up and --check connections give up after this long: a healthcheck must answer within its own timeout.
-CONNECT_TIMEOUT: Final = 5.0
 
 EXIT_CODES: Final = (
     f"exit codes:\n  {EXIT_OK}  success (for a service: stopped cleanly on SIGTERM/SIGINT)\n"
@@ -151,23 +151,6 @@ def describe_settings_error(exc: ValidationError) -> str:
 # ---- URLs and errors ------------------------------------------------------------------------------------
 
 
-def mask_url(url: str) -> str:
-    """``amqp://guest:guest@host/v`` → ``amqp://guest:***@host/v`` (also ``?password=`` in the query)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        query = "&".join(f"{key}={'***' if key.lower() == 'password' else value}" for key, value in pairs)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 def amqp_vhost(url: str) -> str:
     """The vhost an AMQP URL names: its path, percent-decoded; ``/`` when the path is empty."""
     path = urllib.parse.urlsplit(url).path
@@ -175,17 +158,26 @@ def amqp_vhost(url: str) -> str:
 
 
 def describe_amqp_error(exc: BaseException, url: str) -> str:
-    """One line for a failed AMQP connection: where (password masked) and why, in words."""
-    where = f"cannot connect to RabbitMQ at {mask_url(url)}"
+    """One line for a failed AMQP connection: where (passwords masked) and why, in words.
+
+    With a node list (``shared.brokers``) where no node answered, every node is named with its own reason.
+    """
+    if isinstance(exc, NodesUnreachable):
+        reasons = "; ".join(f"{node}: {_amqp_reason(error, node)}" for node, error in exc.failures)
+        return f"cannot connect to RabbitMQ: none of {len(exc.failures)} nodes answered ({reasons})"
+    return f"cannot connect to RabbitMQ at {mask_url(url)}: {_amqp_reason(exc, url)}"
+
+
+def _amqp_reason(exc: BaseException, url: str) -> str:
     if isinstance(exc, amqp_errors.ProbableAuthenticationError):
-        return f"{where}: authentication failed (wrong user name or password)"
+        return "authentication failed (wrong user name or password)"
     if isinstance(exc, amqp_errors.InvalidFrameError) and "Connection.Close" in str(exc):
         # The broker closed the connection in answer to connection.open: the vhost is missing or this user
         # has no permission on it (aiormq drops the broker's reply text, so both are named).
-        return f'{where}: vhost "{amqp_vhost(url)}" does not exist or access refused'
+        return f'vhost "{amqp_vhost(url)}" does not exist or access refused'
     if isinstance(exc, amqp_errors.ConnectionClosed) and len(exc.args) >= 2:
-        return f"{where}: {exc.args[1]}"
-    return f"{where}: {_reason(exc)}"
+        return str(exc.args[1])
+    return _reason(exc)
 
 
 def describe_postgres_error(exc: BaseException, url: str) -> str:

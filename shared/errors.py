@@ -152,6 +152,9 @@ _TRANSIENT_PG = (
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.UniqueViolationError,
+    # Connected to a standby (a DATABASE_URL host list without target_session_attrs=read-write, or a primary
+    # demoted under us): the database is unavailable for writing, never the request's fault.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 
 

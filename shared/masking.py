@@ -9,8 +9,44 @@ end, names their first character; URL passwords and bearer tokens become ``***``
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Final
+
+# ---- URLs ----------------------------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """``amqp://guest:guest@host/v`` → ``amqp://guest:***@host/v`` (also ``?password=`` in the query).
+
+    A list of URLs (``AMQP_URL`` naming every node, comma-separated) is masked URL by URL; a libpq URL with
+    several hosts (``postgresql://u:p@h1:5432,h2:5433/db``) stays one URL.
+    """
+    parts = _NEXT_URL.split(url)
+    if len(parts) > 1:
+        return ",".join(_mask_one_url(part) for part in parts)
+    return _mask_one_url(url)
+
+
+# A comma that starts another URL (``,amqp://``), not one between the hosts of a libpq URL.
+_NEXT_URL: Final = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _mask_one_url(url: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{key}={'***' if key.lower() == 'password' else value}" for key, value in pairs)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
 
 # ---- personal data and secrets -----------------------------------------------------------------------
 

@@ -74,6 +74,8 @@ class ClockMetrics:
         )
         self.steps = _StepCounter()
         registry.register(self.steps)
+        self.server_steps = _ServerStepCounter()
+        registry.register(self.server_steps)
 
     def observe(self, offset_seconds: float, error_bound_seconds: float) -> None:
         """Record a fresh estimate (after each sample of the database clock)."""
@@ -107,6 +109,7 @@ class ClockMetrics:
             return None if bound is None else (timeline.wall_offset_us() / 1e6, bound / 1e6)
 
         self.follow(read, steps=lambda: timeline.steps)
+        self.server_steps.source = lambda: timeline.server_steps
 
 
 class _StepCounter(Collector):
@@ -122,6 +125,21 @@ class _StepCounter(Collector):
             "crm_clock_step_events",
             "Times a new sample contradicted the estimate (a clock stepped) and the estimate was reset",
             value=value,
+        )
+
+
+class _ServerStepCounter(Collector):
+    """``crm_clock_steps_total``: changes of database server that moved the shared timeline (shared/timeline.py)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "crm_clock_steps",
+            "Times the database server changed (failover, restore) with a clock that would have moved the shared "
+            "timeline, and the timeline was kept continuous and above every stored stamp instead",
+            value=self.source(),
         )
 
 

@@ -17,10 +17,10 @@ from importlib import resources
 
 import asyncpg
 
-from shared.cli import CONNECT_TIMEOUT, StartupError, entry_point_parser, fail, load_settings_or_exit, starting
+from shared.cli import StartupError, entry_point_parser, fail, load_settings_or_exit, starting
 from shared.logs import configure_logging
 from shared.roles import RoleResult, create_roles
-from shared.settings import Settings
+from shared.settings import CONNECT_TIMEOUT, Settings
 
 log = logging.getLogger("shared.migrate")
 

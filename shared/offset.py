@@ -82,3 +82,27 @@ class OffsetEstimator:
         if self.best is None:
             raise LookupError("no sample yet")
         return self.best.error_ns(now_ns)
+
+
+# A timeline floored at the high-water mark starts just above it (a larger margin would buy nothing certain:
+# how far processes still on the old timeline run ahead is unknown to the one that floors it).
+FLOOR_MARGIN_US: Final = 1
+
+
+def shift_for_new_server(server_now_us: int, timeline_now_us: int | None, high_water_us: int) -> tuple[int, str]:
+    """How far the shared timeline must run ahead of a database server seen for the first time, and why.
+
+    ``server_now_us`` is the new server's clock now; ``timeline_now_us`` the shared timeline now as this process
+    kept it on the previous server (None when it never had one); ``high_water_us`` the highest stamp stored.
+
+    * continuity: a process that was on the previous server measures the step and cancels it, so the timeline
+      goes on as if the server had not changed (a backward step of 30 s gives a shift of +30 s);
+    * floor: whatever the measurement, the timeline restarts above every stamp already written, so a causally
+      later write can never stamp below a stored one;
+    * never negative: a server whose clock is ahead moves the timeline forward, which orders nothing wrongly.
+    """
+    continuity = timeline_now_us - server_now_us if timeline_now_us is not None else 0
+    floor = high_water_us + FLOOR_MARGIN_US - server_now_us if high_water_us else 0
+    if floor > max(continuity, 0):
+        return floor, "floor"
+    return max(continuity, 0), "continuity"

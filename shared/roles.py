@@ -59,18 +59,31 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "failed_requests": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         # MIGRATE_ON_START (the default) reads which migrations are applied; it applies none with this role.
         "schema_migrations": ("SELECT",),
+        # shared/timeline.py: the first worker to see a new database server records its shift (INSERT ... ON
+        # CONFLICT DO NOTHING needs SELECT); WRITE_BATCH raises the high-water mark.
+        "clock_epochs": ("SELECT", "INSERT"),
+        "clock_high_water": ("SELECT", "UPDATE"),
     },
     "gateway": {
         # gateway/store.py: SELECT_CUSTOMER and SELECT_REQUEST_STATUS, on a read-only pool.
         "customers": ("SELECT",),
         "processed_requests": ("SELECT",),
         "failed_requests": ("SELECT",),
+        # shared/timeline.py: every sample reads the server's shift and the high-water mark.
+        "clock_epochs": ("SELECT",),
+        "clock_high_water": ("SELECT",),
     },
     "replay": {
-        # worker/replay.py: NEWEST_FIELD_STAMP (replay --force).
+        # worker/repository.py: NEWEST_FIELD_STAMP (replay --force).
         "customers": ("SELECT",),
         # record_audit's INSERT (no RETURNING, so no SELECT).
         "dead_letter_audit": ("INSERT",),
+        # worker/dead_letters.py: dead letters moved out of the queue (INSERT ... ON CONFLICT needs SELECT),
+        # listed, and deleted once replayed or dropped.
+        "dead_letters": ("SELECT", "INSERT", "DELETE"),
+        # shared/timeline.py (replay --force stamps on the shared timeline).
+        "clock_epochs": ("SELECT",),
+        "clock_high_water": ("SELECT",),
         # record_audit's DELETE ... WHERE request_id = ANY($1): a DELETE with a WHERE needs SELECT too.
         "failed_requests": ("SELECT", "DELETE"),
     },
@@ -80,7 +93,7 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
 SEQUENCE_GRANTS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
     "worker": (("customers", "id"),),
     "gateway": (),
-    "replay": (("dead_letter_audit", "id"),),
+    "replay": (("dead_letter_audit", "id"), ("dead_letters", "id")),
 }
 
 # Attributes every role must have: (pg_roles column, value wanted, keyword that sets it).

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.brokers import node_urls
+
+# Every connection made at start-up, by --check or by a one-shot tool gives up after this long: a healthcheck
+# must answer within its own timeout.
+CONNECT_TIMEOUT: Final = 5.0
 
 
 class Settings(BaseSettings):
@@ -15,7 +21,10 @@ class Settings(BaseSettings):
 
     # Connections
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="one URL, or one per node of a cluster separated by commas (a process uses one that answers "
+        "and moves to another when it loses it)")
     host: str = "0.0.0.0"
     port: int = Field(3000, ge=1, le=65535)
 
@@ -25,6 +34,9 @@ class Settings(BaseSettings):
     # queue adds messages and fsyncs per request (measured on 2 cores: 2 shards ~5,000 req/s, 4 shards ~3,500).
     shard_count: int = Field(2, ge=1, le=1024)
     queue_type: Literal["quorum", "classic"] = "quorum"
+    quorum_replicas: int = Field(
+        5, ge=1, le=9, description="replicas of each quorum queue: one per node, as many as the cluster has up to "
+        "this (x-quorum-initial-group-size)")
     queue_max_length: int = Field(
         100_000, ge=1, description="messages a shard queue holds at most; past it publishes are refused (503)")
 
@@ -95,6 +107,16 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _node_list(cls, value: str) -> str:
+        node_urls(value)  # raises ValueError naming the position of a bad URL, never its password
+        return value
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return node_urls(self.amqp_url)
 
     @model_validator(mode="after")
     def _retention_covers_idempotency(self) -> Settings:

@@ -30,7 +30,8 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from bench.stack import free_port, with_database, with_vhost
-from shared.cli import describe_amqp_error, describe_settings_error, mask_url, settings_help
+from shared.cli import describe_amqp_error, describe_settings_error, settings_help
+from shared.masking import mask_url
 from shared.settings import Settings
 from shared.topology import Topology
 from tests.support import ADMIN_AMQP_URL, ADMIN_DATABASE_URL, ROOT, RUN_ID, Stack
@@ -382,7 +383,24 @@ async def test_gateway_with_another_queue_type_refuses_to_start(own_stack: Stack
 
     assert exit_code_of(gateway) == 1
     line = error_line(gateway.output())
-    assert "QUEUE_TYPE=classic" in line and "x-queue-type quorum" in line  # the queues tell before the marker
+    assert "QUEUE_TYPE=classic" in line and "QUEUE_TYPE=quorum" in line  # the marker names both
+
+
+async def test_a_refused_start_leaves_the_broker_as_it_found_it(own_stack: Stack, amqp_url: str) -> None:
+    """A check must not change what it checks: a worker with one shard too many declares nothing, so every
+    correctly configured process still starts afterwards."""
+    own_stack.start_gateway(SHARD_COUNT=2)
+
+    refused = own_stack.start_worker(wait=False, SHARD_COUNT=3)
+    assert exit_code_of(refused) == 1
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_queue(f"{own_stack.prefix}.shard.2", passive=True)
+    worker = own_stack.start_worker(SHARD_COUNT=2)
+    assert worker.alive()
 
 
 async def test_shard_queue_of_another_type_is_named_even_without_the_marker(own_stack: Stack, amqp_url: str) -> None:

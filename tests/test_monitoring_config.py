@@ -483,7 +483,7 @@ def test_compose_file_passes_docker_compose_config() -> None:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose not installed")
-    for profile in ([], ["--profile", "monitoring"]):
+    for profile in ([], ["--profile", "monitoring"], ["--profile", "ha"], ["--profile", "tools"]):
         result = subprocess.run([tool, "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True, text=True,
                                 timeout=60, check=False, cwd=ROOT)
         assert result.returncode == 0, result.stderr

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.brokers import node_urls
 from shared.roles import rabbitmq_password_matches
 from shared.settings import Settings
 
@@ -235,13 +236,17 @@ def test_worker_leaves_migrations_to_the_migrate_service(services: dict[str, dic
 ROLE_OF = {"gateway": "crm_gateway", "worker": "crm_worker", "replay": "crm_replay"}
 
 
-def broker_and_vhost(url: str) -> tuple[str, str]:
-    parts = urllib.parse.urlsplit(url)
-    return parts.netloc.rpartition("@")[2], parts.path
+def broker_and_vhost(url: str) -> list[tuple[str, str]]:
+    """(host:port, vhost) of every node of an AMQP_URL node list."""
+    return [(parts.netloc.rpartition("@")[2], parts.path) for parts in map(urllib.parse.urlsplit, node_urls(url))]
 
 
 def url_user(url: str) -> str:
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
+    """The one user name of every URL in a node list."""
+    nodes = re.split(r",(?=[a-z]+://)", url)
+    users = {urllib.parse.unquote(urllib.parse.urlsplit(node).username or "") for node in nodes}
+    assert len(users) == 1, users
+    return users.pop()
 
 
 def test_migrate_service_creates_the_roles_with_passwords(services: dict[str, dict[str, Any]]) -> None:
@@ -279,8 +284,8 @@ def test_rabbitmq_loads_the_definitions_with_a_user_per_component(services: dict
     users = {user["name"]: user for user in definitions["users"]}
     for name, role in ROLE_OF.items():
         assert role in users and not users[role]["tags"], f"{role}: missing or tagged (a tag opens the UI)"
-        password = urllib.parse.unquote(urllib.parse.urlsplit(environment(services[name])["AMQP_URL"]).password
-                                        or "")
+        first_node = node_urls(environment(services[name])["AMQP_URL"])[0]
+        password = urllib.parse.unquote(urllib.parse.urlsplit(first_node).password or "")
         default = re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", password)
         assert rabbitmq_password_matches(users[role]["password_hash"], default[1] if default else password), role
 
@@ -369,3 +374,26 @@ def test_ci_runs_the_readme_test_command() -> None:
         if line.strip() and not line.strip().startswith("#")
     ]
     assert any(re.fullmatch(r"(exec\s+)?make test", command) for command in commands), commands
+
+
+# ---- profile "ha": a three-node RabbitMQ cluster ----------------------------------------------------------
+
+
+def test_ha_profile_adds_two_rabbitmq_nodes_that_join_the_first(services: dict[str, dict[str, Any]]) -> None:
+    peers = ["rabbitmq-2", "rabbitmq-3"]
+    conf = (ROOT / "deploy/rabbitmq/cluster.conf").read_text(encoding="utf-8")
+    for name in peers:
+        peer = services[name]
+        assert peer.get("profiles") == ["ha"], name
+        assert peer.get("hostname") == name, "the node name rabbit@<hostname> must be the one peers look for"
+        assert any("cluster.conf" in str(volume) for volume in peer.get("volumes", [])), name
+        assert f"rabbit@{name}" in conf
+    assert "rabbit@rabbitmq" in conf and "classic_config" in conf
+    cookies = {str(environment(services[name]).get("RABBITMQ_COOKIE")) for name in ["rabbitmq", *peers]}
+    assert len(cookies) == 1, "every node needs the same Erlang cookie"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_every_app_service_is_given_every_rabbitmq_node(services: dict[str, dict[str, Any]], name: str) -> None:
+    hosts = [urllib.parse.urlsplit(url).hostname for url in node_urls(environment(services[name])["AMQP_URL"])]
+    assert hosts == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]

@@ -31,6 +31,7 @@ from shared.topology import Topology, shard_for
 from tests.conftest import fetch_customer, post
 from tests.poison import FAST_RETRIES, MAX_ATTEMPTS, PoisonTrigger
 from tests.support import ROOT, Gateway, Stack, unique_phone, unique_user
+from worker.dead_letters import plain_headers
 from worker.deadletter import dead_letter_message
 
 SHARDS = 8  # the test stacks run with 8 shards (tests/support.py)
@@ -102,14 +103,22 @@ class Letter:
 
 
 async def dead_letters(stack: Stack) -> list[Letter]:
-    """Everything in the stack's dead-letter queue, in order, left in place (unacked, requeued on close)."""
+    """Every dead letter of the stack, in order: those the replay tool moved into PostgreSQL, then those still
+    in the dead-letter queue (read and left in place: unacked, requeued on close)."""
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        rows = await conn.fetch("SELECT body, headers::text AS headers FROM dead_letters WHERE queue = $1 ORDER BY id",
+                                topology_of(stack).dead_letter_queue)
+    finally:
+        await conn.close()
+    letters = [Letter(orjson.loads(row["body"]), orjson.loads(row["headers"])) for row in rows]
     connection = await aio_pika.connect(stack.amqp_url)
-    letters: list[Letter] = []
     async with connection:
         channel = await connection.channel()
         queue = await topology_of(stack).declare_dead_letter_queue(channel)
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            letters.append(Letter(orjson.loads(message.body), dict(message.headers or {})))
+            headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+            letters.append(Letter(orjson.loads(message.body), plain_headers(headers)))
     return letters
 
 

@@ -64,12 +64,13 @@ from tests.support import (
     unique_phone,
 )
 from tests.test_entry_points import assert_one_line_failure, run
-from worker.replay import fresh_stamp_clock, record_audit
+from worker.replay import fresh_stamp_clock
 from worker.repository import (
     Request,
     apply_batch,
     delete_expired_processed,
     init_connection,
+    record_audit,
     record_failure,
 )
 
@@ -354,8 +355,12 @@ async def test_replay_role_writes_the_audit_and_reads_the_newest_stamp(roles: li
     finally:
         await conn.close()
 
-    await record_audit(settings, "test", "replay", {"all": True}, [request_id], "replayed 1")
-    clock = await fresh_stamp_clock(settings)
+    conn = await connect_as("replay")
+    try:
+        await record_audit(conn, "test", "replay", {"all": True}, [request_id], "replayed 1")
+        clock = await fresh_stamp_clock(settings, conn)
+    finally:
+        await conn.close()
 
     owner = await admin()
     try:

@@ -15,11 +15,10 @@ import logging
 import signal
 from collections.abc import Sequence
 
-import aio_pika
 import asyncpg
 
+from shared.brokers import connect_once
 from shared.cli import (
-    CONNECT_TIMEOUT,
     StartupError,
     describe_unexpected,
     entry_point_parser,
@@ -30,7 +29,7 @@ from shared.cli import (
 )
 from shared.logs import configure_logging
 from shared.runtime import use_uvloop
-from shared.settings import Settings
+from shared.settings import CONNECT_TIMEOUT, Settings
 from worker.service import Worker
 
 log = logging.getLogger("worker")
@@ -59,7 +58,7 @@ async def check_database(settings: Settings, *, want_schema: bool) -> None:
 
 async def check_broker(settings: Settings) -> None:
     with starting("RabbitMQ", settings.amqp_url):
-        connection = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), timeout=CONNECT_TIMEOUT)
+        connection = await connect_once(settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
         await connection.close()
 
 

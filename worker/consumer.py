@@ -200,6 +200,9 @@ class Consumer:
                 outcomes = await self._apply_in_db(items)
             except Exception as exc:
                 attempt += 1
+                if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+                    # Connected to a standby: new connections may reach the primary (libpq host lists).
+                    await self.pool.expire_connections()
                 if is_transient(exc) and not isinstance(exc, _SPLIT_ON):
                     if attempt >= SUSPECT_BATCH_AFTER and await self._database_answers():
                         failures_while_database_answers += 1
@@ -230,12 +233,16 @@ class Consumer:
             return
 
     async def _database_answers(self) -> bool:
-        """True when Postgres answers a trivial query: then a failing batch is the batch's fault."""
+        """True when Postgres answers *and accepts writes*: then a failing batch is the batch's fault.
+
+        A standby answers queries but refuses every write (read-only transaction): that is the database being
+        unavailable, exactly like an outage, so its batches are retried and never split or dead-lettered.
+        """
         try:
             async with asyncio.timeout(5):
                 async with self.pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
-            return True
+                    read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+            return bool(read_only == "off")
         except Exception:
             return False
 

@@ -4,9 +4,10 @@
     replay (--all | --user-id ID | --request-id ID | --reason TEXT) [--dry-run] [--force] [--actor NAME]
     drop   (--all | --user-id ID | --request-id ID | --reason TEXT) --yes [--actor NAME]
 
-How it reads the queue without disturbing it: every dead letter is fetched with ``basic.get`` and left
-unacked; those chosen are re-published (confirmed) and then acked, the others go back when the channel
-closes — a classic queue puts returned messages back at their original position, so order is kept.
+How it reads dead letters without using them up: every command first moves what waits in the dead-letter
+queue into PostgreSQL's ``dead_letters`` table (``worker.dead_letters``: stored, then acked), and reads, replays
+and drops there. Listing is a SELECT: it changes no delivery count (a quorum queue counts every get-and-return,
+and a delivery limit would drop a message listed too often), no order, and nothing another operator sees.
 
 Replays keep the request id and the original write stamp: a replayed request never overwrites a field
 that a newer request has set since (per-field stamps). ``--force`` gives it a fresh stamp instead, on the same
@@ -23,21 +24,30 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 import asyncpg
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
 
-from shared.cli import describe_amqp_error, describe_unexpected, entry_point_parser, load_settings_or_exit, mask_url
-from shared.logs import configure_logging, mask_payload, mask_text
-from shared.settings import Settings
+from shared.brokers import connect_once
+from shared.cli import (
+    describe_amqp_error,
+    describe_postgres_error,
+    describe_unexpected,
+    entry_point_parser,
+    load_settings_or_exit,
+)
+from shared.logs import configure_logging
+from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.stamps import HybridClock
 from shared.timeline import SAMPLES_PER_SYNC, Timeline
 from shared.topology import Topology, TopologyMismatch
-from worker import deadletter as dl
+from worker import dead_letters
+from worker.dead_letters import DeadLetter
+from worker.deadletter import H_REPLAYED
+from worker.repository import init_connection, newest_field_stamp, record_audit
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 1
 
@@ -46,143 +56,53 @@ class Unreachable(Exception):
     """RabbitMQ or Postgres cannot be reached; the message says which and where."""
 
 
-@dataclass(eq=False)
-class DeadLetter:
-    """One message of the dead-letter queue: usually one request dead-lettered by a worker, or a whole pack
-    dead-lettered by the broker itself (a quorum queue's delivery limit, see ``shared.topology``)."""
-
-    message: AbstractIncomingMessage
-    envelopes: list[dict[str, Any]]
-    headers: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        try:
-            body = orjson.loads(message.body)
-        except orjson.JSONDecodeError:
-            body = None
-        envelopes: list[dict[str, Any]] = []
-        if isinstance(body, dict) and "request_id" in body:
-            envelopes = [body]
-        elif isinstance(body, dict) and isinstance(body.get("requests"), list):
-            envelopes = [r for r in body["requests"] if isinstance(r, dict) and "request_id" in r]
-        return cls(message, envelopes, dict(message.headers or {}))
-
-    @property
-    def envelope(self) -> dict[str, Any] | None:
-        return self.envelopes[0] if self.envelopes else None
-
-    @property
-    def request_ids(self) -> list[str]:
-        return [str(e.get("request_id")) for e in self.envelopes]
-
-    @property
-    def request_id(self) -> str | None:
-        value = (self.envelope or {}).get("request_id") or self.headers.get(dl.H_REQUEST_ID)
-        return str(value) if value is not None else None
-
-    @property
-    def user_id(self) -> str | None:
-        value = (self.envelope or {}).get("user_id") or self.headers.get(dl.H_USER_ID)
-        return str(value) if value is not None else None
-
-    @property
-    def _x_death(self) -> dict[str, Any]:
-        deaths = self.headers.get("x-death")
-        return deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-
-    @property
-    def reason(self) -> str:
-        if dl.H_ERROR in self.headers:
-            return str(self.headers[dl.H_ERROR])
-        if self._x_death:
-            return f"dead-lettered by the broker: {self._x_death.get('reason', 'unknown')}"
-        return ""
-
-    @property
-    def routing_key(self) -> str | None:
-        value = self.headers.get(dl.H_ROUTING_KEY)
-        if value is None:
-            keys = self._x_death.get("routing-keys")
-            value = keys[0] if isinstance(keys, list) and keys else None
-        return str(value) if value is not None else None
-
-    def matches(self, args: argparse.Namespace) -> bool:
-        user_id = getattr(args, "user_id", None)
-        if user_id is not None and user_id not in {str(e.get("user_id")) for e in self.envelopes} | {
-            self.user_id
-        }:
-            return False
-        request_id = getattr(args, "request_id", None)
-        if request_id is not None and request_id not in [*self.request_ids, self.request_id]:
-            return False
-        if getattr(args, "reason", None) is not None:
-            needle = args.reason.lower()
-            haystack = f"{self.reason} {self.headers.get(dl.H_EXCEPTION, '')}".lower()
-            if needle not in haystack:
-                return False
-        return True
-
-    def summary(self, show_pii: bool) -> dict[str, Any]:
-        payload = (self.envelope or {}).get("payload")
-        if isinstance(payload, dict) and not show_pii:
-            payload = mask_payload(payload)  # phones, WeChat id and name
-        reason = self.reason if show_pii else mask_text(self.reason)  # database errors may quote values
-        return {
-            "requestId": self.request_id,
-            "userId": self.user_id,
-            "reason": reason,
-            "exception": self.headers.get(dl.H_EXCEPTION) if show_pii else mask_text(
-                str(self.headers.get(dl.H_EXCEPTION) or "")) or None,
-            "attempts": self.headers.get(dl.H_ATTEMPTS),
-            "firstFailureAt": self.headers.get(dl.H_FIRST_FAILURE),
-            "lastFailureAt": self.headers.get(dl.H_LAST_FAILURE),
-            "deadAt": self.headers.get(dl.H_DEAD_AT),
-            "routingKey": self.routing_key,
-            "replayed": bool((self.envelope or {}).get("replayed") or self.headers.get(dl.H_REPLAYED)),
-            "payload": payload if self.envelope is not None else None,
-            **({"requestIds": self.request_ids} if len(self.envelopes) > 1 else {}),
-        }
-
-
-class DeadLetterQueue:
-    """A session on the dead-letter queue: fetch everything unacked, settle what was chosen, close."""
+class DeadLetterSession:
+    """One command's view of the dead letters: connect to PostgreSQL and RabbitMQ, move whatever waits in the
+    dead-letter queue into the table (``worker.dead_letters``), read, replay and delete there, close."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topology = Topology.from_settings(settings)
+        self.conn: asyncpg.Connection | None = None
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
 
-    async def __aenter__(self) -> DeadLetterQueue:
+    async def __aenter__(self) -> DeadLetterSession:
+        # PostgreSQL first: nothing is taken from the queue unless it can be stored.
         try:
-            self.connection = await asyncio.wait_for(aio_pika.connect(self.settings.amqp_url), timeout=15)
-        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            self.conn = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT)
+            await init_connection(self.conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Unreachable(describe_postgres_error(exc, self.settings.database_url)) from exc
+        try:
+            self.connection = await connect_once(self.settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
+        except Exception as exc:
+            await self.conn.close()
             raise Unreachable(describe_amqp_error(exc, self.settings.amqp_url)) from exc
         # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         try:  # replays are routed by SHARD_COUNT: it must be the one the workers consume
             await self.topology.check_against_broker(self.channel)
         except TopologyMismatch as exc:
-            await self.connection.close()
+            await self.__aexit__()
             raise Unreachable(str(exc)) from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.connection is not None:
-            await self.connection.close()  # unacked dead letters return to their places
+            await self.connection.close()
+        if self.conn is not None:
+            await self.conn.close()
 
     async def fetch_all(self) -> list[DeadLetter]:
-        assert self.channel is not None
-        queue = await self.topology.declare_dead_letter_queue(self.channel)
-        letters = []
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            letters.append(DeadLetter.read(message))
-        return letters
+        """Every dead letter, oldest first, after moving the queue's into the table."""
+        assert self.channel is not None and self.conn is not None
+        await dead_letters.move_from_queue(self.channel, self.conn, self.topology)
+        return await dead_letters.stored(self.conn, self.topology)
 
     async def republish(self, letter: DeadLetter, force: bool, clock: HybridClock) -> str:
-        """Put one dead letter back on its shard (confirmed), then remove it from the dead-letter queue."""
-        assert self.channel is not None and letter.envelopes
+        """Put one dead letter back on its shard (confirmed), then delete it."""
+        assert self.channel is not None and self.conn is not None and letter.envelopes
         envelopes = [dict(envelope, replayed=True) for envelope in letter.envelopes]
         if force:
             for envelope in envelopes:
@@ -196,15 +116,28 @@ class DeadLetterQueue:
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=letter.request_id,
-                headers={dl.H_REPLAYED: True, "x-replayed-at": dt.datetime.now(dt.UTC).isoformat()},
+                headers={H_REPLAYED: True, "x-replayed-at": dt.datetime.now(dt.UTC).isoformat()},
             ),
             routing_key=routing_key,
         )
-        await letter.message.ack()
+        await dead_letters.forget(self.conn, [letter])
         return routing_key
 
+    async def drop(self, letter: DeadLetter) -> None:
+        assert self.conn is not None
+        await dead_letters.forget(self.conn, [letter])
 
-async def fresh_stamp_clock(settings: Settings) -> HybridClock:
+    async def record_audit(self, actor: str, action: str, filters: dict[str, Any], request_ids: Sequence[str],
+                           outcome: str) -> None:
+        assert self.conn is not None
+        await record_audit(self.conn, actor, action, filters, request_ids, outcome)
+
+    async def fresh_stamp_clock(self) -> HybridClock:
+        assert self.conn is not None
+        return await fresh_stamp_clock(self.settings, self.conn)
+
+
+async def fresh_stamp_clock(settings: Settings, conn: asyncpg.Connection) -> HybridClock:
     """A clock on the shared timeline (the database's clock, like every gateway's) for ``--force``.
 
     It also observes the newest field stamp stored, so a forced replay wins even over a write stamped by a
@@ -212,57 +145,14 @@ async def fresh_stamp_clock(settings: Settings) -> HybridClock:
     """
     timeline = Timeline.from_settings(settings)
     try:
-        await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=15)
-        conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), timeout=15)
+        await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unreachable(f"cannot connect to PostgreSQL ({_safe_url(settings.database_url)}): {exc}") from exc
+        raise Unreachable(describe_postgres_error(exc, settings.database_url)) from exc
     finally:
         await timeline.stop()
-    try:
-        newest = await conn.fetchval(NEWEST_FIELD_STAMP)
-    finally:
-        await conn.close()
     clock = timeline.clock
-    clock.observe(int(newest or 0))
+    clock.observe(await newest_field_stamp(conn))
     return clock
-
-
-# The newest write stamp of any stored field (a sequential scan, fine for an operator's one-off replay).
-NEWEST_FIELD_STAMP = "SELECT max(value::bigint) FROM customers, jsonb_each_text(field_stamps)"
-
-
-async def record_audit(settings: Settings, actor: str, action: str, filters: dict[str, Any],
-                       request_ids: Sequence[str], outcome: str) -> None:
-    try:
-        conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), timeout=15)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unreachable(f"cannot connect to PostgreSQL ({_safe_url(settings.database_url)}): {exc}") from exc
-    try:
-        async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO dead_letter_audit (actor, action, filters, request_ids, outcome)"
-                " VALUES ($1, $2, $3::jsonb, $4, $5)",
-                actor, action, orjson.dumps(filters).decode(), list(request_ids), outcome,
-            )
-            if action == "replay":  # back on a shard: "pending" again until a worker applies it
-                await conn.execute("DELETE FROM failed_requests WHERE request_id = ANY($1::text[])",
-                                   list(request_ids))
-    finally:
-        await conn.close()
-
-
-async def check_database(settings: Settings) -> None:
-    """Fail before touching the queue if the audit cannot be written."""
-    try:
-        conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), timeout=15)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unreachable(f"cannot connect to PostgreSQL ({_safe_url(settings.database_url)}): {exc}") from exc
-    await conn.close()
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for error messages."""
-    return mask_url(url)
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,8 +161,8 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
-    async with DeadLetterQueue(settings) as dlq:
-        letters = [letter for letter in await dlq.fetch_all() if letter.matches(args)]
+    async with DeadLetterSession(settings) as session:
+        letters = [letter for letter in await session.fetch_all() if letter.matches(args)]
     if args.limit is not None:
         letters = letters[: args.limit]
     for letter in letters:
@@ -288,15 +178,13 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    if not args.dry_run:
-        await check_database(settings)
-    clock = HybridClock()
-    if args.force and not args.dry_run:
-        clock = await fresh_stamp_clock(settings)
     done: list[str] = []
     skipped = failed = 0
-    async with DeadLetterQueue(settings) as dlq:
-        letters = await dlq.fetch_all()
+    async with DeadLetterSession(settings) as session:
+        clock = HybridClock()
+        if args.force and not args.dry_run:
+            clock = await session.fresh_stamp_clock()
+        letters = await session.fetch_all()
         chosen = [letter for letter in letters if args.all or letter.matches(args)]
         for letter in chosen:
             if not letter.envelopes:
@@ -308,7 +196,7 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                       f"{' with a fresh stamp' if args.force else ''}")
                 continue
             try:
-                routing_key = await dlq.republish(letter, args.force, clock)
+                routing_key = await session.republish(letter, args.force, clock)
             except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError) as exc:
                 print(f"error: {letter.request_id} not replayed ({exc}); it stays in the dead-letter queue",
                       file=sys.stderr)
@@ -316,29 +204,28 @@ async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 continue
             done.extend(letter.request_ids)
             print(f"replayed {letter.request_id} user={letter.user_id} -> {routing_key}")
-    kept = len(letters) - len(done)
-    verb = "would replay" if args.dry_run else "replayed"
-    count = len(chosen) - skipped if args.dry_run else len(done)
-    print(f"{verb} {count}, skipped {skipped}, left in the dead-letter queue {kept}")
-    if not args.dry_run and (done or chosen):
-        await record_audit(settings, args.actor, "replay", _filters(args), done,
-                           f"replayed {len(done)}, skipped {skipped}, failed {failed}")
+        kept = len(letters) - len(done)
+        verb = "would replay" if args.dry_run else "replayed"
+        count = len(chosen) - skipped if args.dry_run else len(done)
+        print(f"{verb} {count}, skipped {skipped}, left in the dead-letter queue {kept}")
+        if not args.dry_run and (done or chosen):
+            await session.record_audit(args.actor, "replay", _filters(args), done,
+                                       f"replayed {len(done)}, skipped {skipped}, failed {failed}")
     return EXIT_UNREACHABLE if failed else EXIT_OK
 
 
 async def cmd_drop(settings: Settings, args: argparse.Namespace) -> int:
-    await check_database(settings)
     dropped: list[str] = []
-    async with DeadLetterQueue(settings) as dlq:
-        letters = await dlq.fetch_all()
+    async with DeadLetterSession(settings) as session:
+        letters = await session.fetch_all()
         for letter in letters:
             if args.all or letter.matches(args):
-                await letter.message.ack()
+                await session.drop(letter)
                 dropped.append(letter.request_id or "-")
                 print(f"dropped {letter.request_id or '-'} user={letter.user_id or '-'}")
-    print(f"dropped {len(dropped)}, left in the dead-letter queue {len(letters) - len(dropped)}")
-    if dropped:
-        await record_audit(settings, args.actor, "drop", _filters(args), dropped, f"dropped {len(dropped)}")
+        print(f"dropped {len(dropped)}, left in the dead-letter queue {len(letters) - len(dropped)}")
+        if dropped:
+            await session.record_audit(args.actor, "drop", _filters(args), dropped, f"dropped {len(dropped)}")
     return EXIT_OK
 
 

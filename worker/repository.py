@@ -149,6 +149,11 @@ recorded AS (
     )
     LEFT JOIN upserted AS u ON u.user_id = r.user_id AND r.outcome <> 'phone_taken'
     ON CONFLICT (request_id) DO NOTHING
+),
+-- The timeline's floor (shared/timeline.py): the highest stamp written, raised in this same transaction, in
+-- the slot of this backend so that concurrent batches do not queue on one row.
+raised AS (
+    UPDATE clock_high_water SET stamp = $3 WHERE slot = pg_backend_pid() % 64 AND stamp < $3
 )
 SELECT id, user_id FROM upserted
 """
@@ -290,8 +295,9 @@ async def apply_batch(
                     "api_key_name": envelope.api_key,
                 })
             # orjson writes dates as YYYY-MM-DD, which json_to_recordset reads back as date.
+            highest_stamp = max(requests[index].envelope.stamp for index, _ in recorded)
             written = await conn.fetch(
-                WRITE_BATCH, orjson.dumps(customers).decode(), orjson.dumps(processed_rows).decode()
+                WRITE_BATCH, orjson.dumps(customers).decode(), orjson.dumps(processed_rows).decode(), highest_stamp
             )
             for row in written:
                 states[row["user_id"]].id = row["id"]
@@ -329,3 +335,58 @@ async def delete_expired_processed(conn: asyncpg.Connection, retention: dt.timed
             break
     await conn.execute(DELETE_EXPIRED_FAILED, retention.total_seconds())
     return total
+
+
+# ---- dead letters (worker/dead_letters.py, the replay tool) ------------------------------------------------
+
+INSERT_DEAD_LETTER = """
+INSERT INTO dead_letters (queue, fingerprint, request_id, user_id, reason, headers, body)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+ON CONFLICT (queue, fingerprint) DO NOTHING
+"""
+
+SELECT_DEAD_LETTERS = "SELECT id, headers, body FROM dead_letters WHERE queue = $1 ORDER BY id"
+
+DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE id = ANY($1::bigint[])"
+
+
+# These run on connections set up by ``init_connection`` (jsonb as Python values).
+
+
+async def insert_dead_letter(conn: asyncpg.Connection, *, queue: str, fingerprint: str, request_id: str | None,
+                             user_id: str | None, reason: str, headers: dict[str, Any], body: bytes) -> None:
+    await conn.execute(INSERT_DEAD_LETTER, queue, fingerprint, request_id, user_id, reason, headers, body)
+
+
+async def select_dead_letters(conn: asyncpg.Connection, queue: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(SELECT_DEAD_LETTERS, queue)
+    return rows
+
+
+async def delete_dead_letters(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
+    await conn.execute(DELETE_DEAD_LETTERS, list(ids))
+
+
+# The newest write stamp stored: the timeline's high-water mark (raised by every batch, seeded by migration 0005
+# from every stored field stamp).
+NEWEST_FIELD_STAMP = "SELECT max(stamp) FROM clock_high_water"
+
+INSERT_AUDIT = """
+INSERT INTO dead_letter_audit (actor, action, filters, request_ids, outcome) VALUES ($1, $2, $3::jsonb, $4, $5)
+"""
+
+# Back on a shard: "pending" again until a worker applies it.
+FORGET_FAILURES = "DELETE FROM failed_requests WHERE request_id = ANY($1::text[])"
+
+
+async def newest_field_stamp(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval(NEWEST_FIELD_STAMP) or 0)
+
+
+async def record_audit(conn: asyncpg.Connection, actor: str, action: str, filters: dict[str, Any],
+                       request_ids: Sequence[str], outcome: str) -> None:
+    """One audit row for a replay or drop; a replay also forgets the requests' recorded failures."""
+    async with conn.transaction():
+        await conn.execute(INSERT_AUDIT, actor, action, filters, list(request_ids), outcome)
+        if action == "replay":
+            await conn.execute(FORGET_FAILURES, list(request_ids))

@@ -13,12 +13,12 @@ import contextlib
 import datetime as dt
 import logging
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
+from shared.brokers import connect_robust
 from shared.migrate import apply_migrations
-from shared.settings import Settings
+from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.timeline import Timeline
 from shared.topology import Topology
 from worker.consumer import Consumer
@@ -37,7 +37,7 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         # The worker reads the shared timeline only to spot requests stamped in the future (a gateway whose
         # clock is not synchronised with the database).
-        self.timeline = Timeline.from_settings(settings)
+        self.timeline = Timeline.from_settings(settings, decides_shift=True)
         self.metrics = WorkerMetrics()
         self.metrics.clock.follow_timeline(self.timeline)
         self.metrics_server = metrics_server(settings, self.metrics)
@@ -61,8 +61,7 @@ class Worker:
         await self.timeline.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()  # a taken METRICS_PORT fails start-up, like an unreachable broker
-        self.connection = await aio_pika.connect_robust(settings.amqp_url, client_properties={
-            "connection_name": "crm-worker"})
+        self.connection = await connect_robust(settings.amqp_url, name="crm-worker", attempt_timeout=CONNECT_TIMEOUT)
         # Dead letters: confirmed, and an unroutable one raises (so its pack is not acked).
         self.publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self.reply_channel = await self.connection.channel(publisher_confirms=False)

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from shared.offset import DRIFT_PPM, OffsetEstimator, Sample
+from shared.offset import DRIFT_PPM, OffsetEstimator, Sample, shift_for_new_server
 from shared.timeline import Timeline
 
 TRUE_OFFSET = 1_795_000_000_000_000_000  # ns: server time = local monotonic + this
@@ -154,3 +154,44 @@ def test_stamps_stay_strictly_increasing_when_the_offset_moves_back() -> None:
     # Once database time passes the last stamp, stamps follow it again.
     clocks.mono += 600 * MS
     assert abs(timeline.stamp() - (clocks.mono + TRUE_OFFSET) // 1000) <= 1
+
+
+# ---- a change of database server (shift_for_new_server) -----------------------------------------------
+
+
+SECOND_US = 1_000_000
+
+
+def test_a_new_server_whose_clock_is_behind_continues_the_timeline_where_it_was() -> None:
+    shift, reason = shift_for_new_server(server_now_us=1_000 * SECOND_US - 30 * SECOND_US,
+                                         timeline_now_us=1_000 * SECOND_US, high_water_us=999 * SECOND_US)
+    assert (shift, reason) == (30 * SECOND_US, "continuity")
+
+
+def test_the_timeline_floor_is_the_high_water_mark_when_no_step_was_measured() -> None:
+    # A process that never saw the old server (started after the failover) cannot measure the step.
+    shift, reason = shift_for_new_server(server_now_us=970 * SECOND_US, timeline_now_us=None,
+                                         high_water_us=1_000 * SECOND_US)
+    assert reason == "floor" and 970 * SECOND_US + shift > 1_000 * SECOND_US
+
+
+def test_the_timeline_floor_wins_over_a_measured_step_that_would_stamp_below_a_stored_write() -> None:
+    shift, reason = shift_for_new_server(server_now_us=970 * SECOND_US, timeline_now_us=990 * SECOND_US,
+                                         high_water_us=1_000 * SECOND_US)
+    assert reason == "floor" and 970 * SECOND_US + shift > 1_000 * SECOND_US
+
+
+def test_a_forward_step_needs_no_floor() -> None:
+    assert shift_for_new_server(server_now_us=1_030 * SECOND_US, timeline_now_us=1_000 * SECOND_US,
+                                high_water_us=999 * SECOND_US) == (0, "continuity")
+    assert shift_for_new_server(server_now_us=1_000 * SECOND_US, timeline_now_us=None, high_water_us=0) == (
+        0, "continuity")
+
+
+def test_an_earlier_shift_is_carried_over_to_the_next_server() -> None:
+    # Server B ran 30 s behind server A (shift 30 s); server C runs 10 s behind B: the timeline keeps going.
+    timeline_now = 2_000 * SECOND_US
+    server_b_now = timeline_now - 30 * SECOND_US
+    server_c_now = server_b_now - 10 * SECOND_US
+    assert shift_for_new_server(server_c_now, timeline_now, timeline_now - SECOND_US) == (40 * SECOND_US,
+                                                                                           "continuity")

@@ -5,13 +5,21 @@ from __future__ import annotations
 import pytest
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from shared.topology import Topology, TopologyMismatch, _current_value, format_marker, parse_marker, shard_for
+from shared.topology import (
+    Topology,
+    TopologyMismatch,
+    _current_value,
+    describe_marker,
+    format_marker,
+    parse_marker,
+    shard_for,
+)
 
 
 def test_marker_value_round_trips() -> None:
-    assert format_marker(3, "quorum") == "shard-count=3,queue-type=quorum"
-    assert parse_marker(format_marker(3, "quorum")) == (3, "quorum")
-    assert parse_marker(format_marker(1024, "classic")) == (1024, "classic")
+    assert format_marker(3, "quorum", "quorum") == "shard-count=3,queue-type=quorum,dead=quorum"
+    assert parse_marker(format_marker(3, "quorum", "quorum")) == (3, "quorum", "quorum")
+    assert parse_marker(format_marker(1024, "classic", "classic")) == (1024, "classic", "classic")
 
 
 @pytest.mark.parametrize("value", ["", "shard-count=x,queue-type=quorum", "shard-count=3", "crm.alternate"])
@@ -61,3 +69,15 @@ def test_queue_type_mismatch_names_both_types() -> None:
 def test_shard_of_a_user_is_stable_and_in_range() -> None:
     assert shard_for("user-1", 8) == shard_for("user-1", 8)
     assert all(0 <= shard_for(f"u{i}", 3) < 3 for i in range(100))
+
+
+def test_a_marker_cut_short_by_the_broker_is_still_described() -> None:
+    # RabbitMQ cuts its PRECONDITION_FAILED text at 255 characters: long vhost and prefix names cut the value.
+    text = ("PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'a-long-prefix.topology' in "
+            "vhost 'a-long-vhost': received 'shard-count=3,queue-type=quorum,dead=quorum' but current is "
+            "'shard-count=2,queue-type=quorum,de")
+    current = _current_value(ChannelPreconditionFailed(text), truncated=True)
+
+    assert current is not None and describe_marker(current) == "SHARD_COUNT=2 QUEUE_TYPE=quorum"
+    assert describe_marker("shard-count=2,queue-type=quorum") == (
+        "SHARD_COUNT=2 QUEUE_TYPE=quorum (dead letters: classic queue)")
