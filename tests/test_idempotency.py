@@ -157,17 +157,8 @@ async def next_outcomes(replies: asyncio.Queue[bytes], count: int) -> list[Outco
     return outcomes
 
 
-@pytest.mark.parametrize("timing", ["back_to_back", "after_the_first_reply"])
-async def test_redelivered_request_is_applied_once_and_answers_its_first_outcome(
-    stack: Stack, amqp_url: str, db: asyncpg.Pool, timing: str
-) -> None:
-    user = unique_user("redeliver")
-    envelope = RequestEnvelope(
-        request_id=uuid.uuid4().hex,
-        stamp=HybridClock().now(),
-        user_id=user,
-        payload={"userId": user, "nickname": "once"},
-    )
+async def deliver_twice(stack: Stack, amqp_url: str, envelope: RequestEnvelope, timing: str) -> list[Outcome]:
+    """Publish the same pack twice, as a broker redelivery would present it; return both outcomes."""
     pack = encode_pack([envelope])
     topology = Topology(prefix=stack.prefix, shard_count=8, queue_type="quorum")
 
@@ -191,20 +182,49 @@ async def test_redelivered_request_is_applied_once_and_answers_its_first_outcome
                 message_id=envelope.request_id,
                 reply_to=reply_queue.name,
             )
-            await exchange.publish(message, routing_key=topology.routing_key_for(user))
+            await exchange.publish(message, routing_key=topology.routing_key_for(envelope.user_id))
 
         if timing == "back_to_back":
             await publish()
             await publish()
-            outcomes = await next_outcomes(replies, 2)
-        else:
-            await publish()
-            outcomes = await next_outcomes(replies, 1)
-            await publish()
-            outcomes += await next_outcomes(replies, 1)
+            return await next_outcomes(replies, 2)
+        await publish()
+        outcomes = await next_outcomes(replies, 1)
+        await publish()
+        return outcomes + await next_outcomes(replies, 1)
+
+
+@pytest.mark.parametrize("timing", ["back_to_back", "after_the_first_reply"])
+async def test_redelivered_request_is_applied_once_and_answers_its_first_outcome(
+    stack: Stack, amqp_url: str, db: asyncpg.Pool, timing: str
+) -> None:
+    user = unique_user("redeliver")
+    envelope = RequestEnvelope(
+        request_id=uuid.uuid4().hex,
+        stamp=HybridClock().now(),
+        user_id=user,
+        payload={"userId": user, "nickname": "once"},
+    )
+
+    outcomes = await deliver_twice(stack, amqp_url, envelope, timing)
 
     assert [(o.request_id, o.status) for o in outcomes] == [(envelope.request_id, "created")] * 2, outcomes
     assert outcomes[0].id is not None and outcomes[0].id == outcomes[1].id
     assert await customer_count(db, user) == 1
     processed = await db.fetch("SELECT outcome FROM processed_requests WHERE request_id = $1", envelope.request_id)
     assert [r["outcome"] for r in processed] == ["created"]
+
+
+async def test_a_redelivered_superseded_request_answers_its_superseded_fields_again(
+    stack: Stack, amqp_url: str, http: aiohttp.ClientSession, api: str
+) -> None:
+    user = unique_user("redeliver")
+    older = HybridClock().now()  # stamped before the POST below: it loses every field to it
+    status, _ = await post(http, api, {"userId": user, "nickname": "newer"})
+    assert status == 201
+    envelope = RequestEnvelope(request_id=uuid.uuid4().hex, stamp=older, user_id=user,
+                               payload={"userId": user, "nickname": "older"})
+
+    outcomes = await deliver_twice(stack, amqp_url, envelope, "after_the_first_reply")
+
+    assert [(o.status, o.superseded) for o in outcomes] == [("superseded", ["nickname"])] * 2, outcomes

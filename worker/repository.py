@@ -80,7 +80,8 @@ FROM customers WHERE user_id = ANY($1::text[]) OR phone = ANY($2::text[])
 """
 
 SELECT_PROCESSED = """
-SELECT request_id, user_id, customer_id, outcome FROM processed_requests WHERE request_id = ANY($1::text[])
+SELECT request_id, user_id, customer_id, outcome, superseded_fields
+FROM processed_requests WHERE request_id = ANY($1::text[])
 """
 
 # A key older than the window may be used again: forget it before looking keys up.
@@ -90,7 +91,7 @@ WHERE idempotency_key = ANY($1::text[]) AND processed_at < now() - make_interval
 """
 
 SELECT_IDEMPOTENCY_KEYS = """
-SELECT idempotency_key, body_hash, user_id, customer_id, outcome
+SELECT idempotency_key, body_hash, user_id, customer_id, outcome, superseded_fields
 FROM processed_requests WHERE idempotency_key = ANY($1::text[])
 """
 
@@ -139,13 +140,13 @@ WITH upserted AS (
 ),
 recorded AS (
     INSERT INTO processed_requests (
-        request_id, user_id, customer_id, outcome, idempotency_key, body_hash, api_key_name
+        request_id, user_id, customer_id, outcome, idempotency_key, body_hash, api_key_name, superseded_fields
     )
     SELECT r.request_id, r.user_id, COALESCE(r.customer_id, u.id), r.outcome, r.idempotency_key, r.body_hash,
-           r.api_key_name
+           r.api_key_name, r.superseded_fields
     FROM json_to_recordset($2::json) AS r (
         request_id text, user_id text, customer_id bigint, outcome text, idempotency_key text, body_hash text,
-        api_key_name text
+        api_key_name text, superseded_fields text[]
     )
     LEFT JOIN upserted AS u ON u.user_id = r.user_id AND r.outcome <> 'phone_taken'
     ON CONFLICT (request_id) DO NOTHING
@@ -226,6 +227,7 @@ async def apply_batch(
                 outcomes[index] = Outcome(
                     request_id=envelope.request_id, user_id=envelope.user_id,
                     status=earlier["outcome"], id=earlier["customer_id"],
+                    superseded=earlier["superseded_fields"] or None,
                 )
                 continue
             if envelope.request_id in seen_in_batch:
@@ -240,6 +242,7 @@ async def apply_batch(
                     outcomes[index] = Outcome(
                         request_id=envelope.request_id, user_id=envelope.user_id,
                         status=first["outcome"], id=first["customer_id"],
+                        superseded=first["superseded_fields"] or None,
                     )
                 else:
                     outcomes[index] = Outcome(
@@ -278,6 +281,7 @@ async def apply_batch(
                 by_key[key] = {
                     "body_hash": envelope.body_hash, "user_id": envelope.user_id,
                     "customer_id": None, "outcome": status,
+                    "superseded_fields": [wire_name(name) for name in lost] or None,
                 }
 
         if recorded:
@@ -292,7 +296,7 @@ async def apply_batch(
                     "request_id": envelope.request_id, "user_id": envelope.user_id,
                     "customer_id": state.id if state is not None else None, "outcome": outcome.status,
                     "idempotency_key": envelope.idempotency_key, "body_hash": envelope.body_hash,
-                    "api_key_name": envelope.api_key,
+                    "api_key_name": envelope.api_key, "superseded_fields": outcome.superseded,
                 })
             # orjson writes dates as YYYY-MM-DD, which json_to_recordset reads back as date.
             highest_stamp = max(requests[index].envelope.stamp for index, _ in recorded)
