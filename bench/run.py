@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import orjson
 
 from bench.stack import (
@@ -35,7 +34,8 @@ from bench.stack import (
     rabbitmq_pids,
     rss_kib,
 )
-from shared.settings import Settings
+from shared.brokers import connect_once
+from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.topology import Topology
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -134,7 +134,7 @@ async def queued_requests(stack: BenchStack) -> int:
     """Messages ready in the shard queues (passive declares: works with a vhost or a prefix alike)."""
     settings = Settings()
     topology = Topology(stack.prefix, settings.shard_count, settings.queue_type)
-    connection = await aio_pika.connect(stack.amqp_url)
+    connection = await connect_once(stack.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
     async with connection:
         channel = await connection.channel()
         total = 0

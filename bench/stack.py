@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
+from shared.brokers import node_urls
 from shared.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +35,10 @@ def with_database(url: str, database: str) -> str:
 
 
 def with_vhost(url: str, vhost: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(vhost, safe="")))
+    """``url`` (or every URL of an AMQP_URL node list) with its path set to ``vhost``."""
+    path = "/" + urllib.parse.quote(vhost, safe="")
+    return ",".join(urllib.parse.urlunsplit(urllib.parse.urlsplit(node)._replace(path=path))
+                    for node in node_urls(url))
 
 
 def free_port() -> int:
@@ -200,7 +203,7 @@ class BenchStack:
                 vhost = f"crm_bench_{self.run_id}"
                 rabbitmqctl("add_vhost", vhost)
                 self.vhost = vhost
-                user = urllib.parse.urlsplit(self.admin_amqp_url).username or "guest"
+                user = urllib.parse.urlsplit(node_urls(self.admin_amqp_url)[0]).username or "guest"
                 rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
                 self.amqp_url = with_vhost(self.admin_amqp_url, vhost)
             except (OSError, subprocess.SubprocessError) as exc:
