@@ -67,7 +67,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    entry_point_parser("python -m gateway", DESCRIPTION).parse_args(argv)
+    entry_point_parser("python -m gateway", DESCRIPTION, reads="gateway").parse_args(argv)
     settings = load_settings_or_exit()
     configure_logging(settings, "gateway")
     use_uvloop()

@@ -40,7 +40,7 @@ from shared.brokers import NodesUnreachable
 from shared.errors import CrmError
 from shared.logs import parse_log_level
 from shared.masking import mask_url
-from shared.settings import CONNECT_TIMEOUT, Settings
+from shared.settings import CONNECT_TIMEOUT, READ_BY, Settings
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -67,18 +67,20 @@ def fail(message: str) -> NoReturn:
 # ---- --help ---------------------------------------------------------------------------------------------
 
 
-def entry_point_parser(prog: str, description: str, usage_notes: str = "") -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` whose ``--help`` ends with the environment variables and the exit codes."""
-    epilog = "\n\n".join(part for part in (usage_notes.strip("\n"), settings_help(), EXIT_CODES) if part)
+def entry_point_parser(prog: str, description: str, usage_notes: str = "", *, reads: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose ``--help`` ends with the environment variables this entry point reads (``reads``
+    names it in ``shared.settings.READ_BY``) and the exit codes."""
+    epilog = "\n\n".join(part for part in (usage_notes.strip("\n"), settings_help(reads), EXIT_CODES) if part)
     return argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
 
 
-def settings_help() -> str:
-    """Every setting as ``NAME  default  (rule)  description``, in declaration order."""
+def settings_help(reads: str) -> str:
+    """Every setting the entry point reads, as ``NAME  default  (rule)  description``, in declaration order."""
+    wanted = set(READ_BY[reads])
     rows = [(name.upper(), _default_text(name, field), _field_notes(field)) for name, field in
-            Settings.model_fields.items()]
+            Settings.model_fields.items() if name in wanted]
     width = max(len(name) for name, _, _ in rows)
     lines = ["environment variables (all optional; default shown):"]
     for name, default, notes in rows:

@@ -96,7 +96,7 @@ databases of one cluster."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = entry_point_parser("python -m shared.migrate", DESCRIPTION, ROLES_NOTES)
+    parser = entry_point_parser("python -m shared.migrate", DESCRIPTION, ROLES_NOTES, reads="migrate")
     parser.add_argument("--create-roles", action="store_true",
                         help="also create the application's roles and grant their rights (see below)")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     worker_prefetch: int = Field(32, ge=1, description="unacked AMQP messages (packs) per worker")
     worker_batch_size: int = Field(512, ge=1, description="requests applied in one transaction at most")
     worker_concurrency: int = Field(2, ge=1, description="batches applied at once per worker")
-    db_pool_size: int = Field(4, ge=1)
+    db_pool_size: int = Field(4, ge=1, description="PostgreSQL connections per worker, at most")
     metrics_port: int = Field(9100, ge=0, le=65535, description="worker's /metrics port (0: off)")
     max_attempts: int = Field(5, ge=1, description="tries of a permanently failing request before dead-lettering")
     retry_base_delay: float = Field(0.5, ge=0, description="first backoff for a failing request, seconds")
@@ -131,3 +132,29 @@ class Settings(BaseSettings):
         if self.api_keys_file.strip() and self.api_keys.strip():
             raise ValueError("set API_KEYS_FILE or API_KEYS, not both")
         return self
+
+
+# Which settings each entry point reads: its --help lists these and no others (shared/cli.py). A unit test checks
+# that every setting is read by at least one entry point.
+_TOPOLOGY: Final = ("amqp_prefix", "shard_count", "queue_type", "quorum_replicas", "queue_max_length")
+_CLOCK: Final = ("clock_sync_interval", "clock_skew_bound_ms")
+_LOGS: Final = ("log_level", "log_format")
+READ_BY: Final[Mapping[str, tuple[str, ...]]] = {
+    "gateway": (
+        "database_url", "amqp_url", "host", "port", *_TOPOLOGY, "rpc_timeout", "publish_timeout", "body_limit",
+        "max_pack_size", "publishes_in_flight", "retry_after_seconds", "gateway_db_pool_size", "max_in_flight",
+        "client_timeout", "keepalive_timeout", "max_header_size", "max_headers", "api_keys_file", "api_keys",
+        "rate_limit", "rate_burst", "protect_docs", "protect_metrics", "shutdown_deadline",
+        "processed_retention_hours", "idempotency_window_hours", *_CLOCK, *_LOGS,
+    ),
+    "worker": (
+        "database_url", "amqp_url", *_TOPOLOGY, "worker_prefetch", "worker_batch_size", "worker_concurrency",
+        "db_pool_size", "metrics_port", "max_attempts", "retry_base_delay", "retry_max_delay", "shutdown_deadline",
+        "processed_retention_hours", "idempotency_window_hours", "migrate_on_start", *_CLOCK, *_LOGS,
+    ),
+    "migrate": (
+        "database_url", "db_role_prefix", "crm_worker_password", "crm_gateway_password", "crm_replay_password",
+        *_LOGS,
+    ),
+    "replay": ("database_url", "amqp_url", *_TOPOLOGY, *_CLOCK, *_LOGS),
+}

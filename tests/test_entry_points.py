@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from bench.stack import free_port, with_database, with_vhost
 from shared.cli import describe_amqp_error, describe_settings_error, settings_help
 from shared.masking import mask_url
-from shared.settings import Settings
+from shared.settings import READ_BY, Settings
 from shared.topology import Topology
 from tests.support import ADMIN_AMQP_URL, ADMIN_DATABASE_URL, ROOT, RUN_ID, Stack
 
@@ -177,15 +177,16 @@ async def exchange_exists(amqp_url: str, name: str) -> bool:
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
-async def test_help_lists_every_setting_and_exit_codes_and_starts_nothing(
+async def test_help_lists_the_settings_it_reads_and_exit_codes_and_starts_nothing(
     module: str, env: dict[str, str], empty_database: str, prefix: str, cleanup_prefix: None
 ) -> None:
     result = await run(module, "--help", env={**env, "DATABASE_URL": empty_database}, limit=30)
 
     assert result.code == 0, result
     assert result.stdout.startswith("usage: python -m " + module), result
+    reads = READ_BY[module.removeprefix("shared.").removeprefix("worker.") if module != "worker" else "worker"]
     for name in Settings.model_fields:
-        assert f"\n  {name.upper()} " in result.stdout, (name, result.stdout)
+        assert (f"\n  {name.upper()} " in result.stdout) == (name in reads), (name, result.stdout)
     assert "exit codes:" in result.stdout
     assert ":guest@" not in result.stdout  # the default AMQP_URL's password is masked
     assert await user_tables(empty_database) == []  # no migration applied
@@ -462,10 +463,23 @@ def test_invalid_settings_become_one_named_line(monkeypatch: pytest.MonkeyPatch)
     assert describe_settings_error(caught.value) == "invalid setting PORT: Input should be greater than or equal to 1"
 
 
-def test_settings_help_is_generated_from_the_settings_model() -> None:
-    text = settings_help()
+@pytest.mark.parametrize("entry_point", sorted(READ_BY))
+def test_help_lists_exactly_the_settings_its_entry_point_reads(entry_point: str) -> None:
+    text = settings_help(entry_point)
 
-    assert [line.split()[0] for line in text.splitlines()[1:]] == [name.upper() for name in Settings.model_fields]
+    listed = [line.split()[0] for line in text.splitlines()[1:]]
+    assert listed == [name.upper() for name in Settings.model_fields if name in READ_BY[entry_point]]
+
+
+def test_every_setting_is_read_by_some_entry_point_and_described() -> None:
+    read = {name for names in READ_BY.values() for name in names}
+    assert read == set(Settings.model_fields)
+    assert set(READ_BY["gateway"]).isdisjoint({"worker_prefetch", "db_pool_size", "metrics_port", "db_role_prefix"})
+    assert "rate_limit" not in READ_BY["migrate"]
+    undocumented = [name for name, field in Settings.model_fields.items() if not field.description
+                    and name not in {"database_url", "host", "port", "amqp_prefix", "shard_count", "queue_type",
+                                     "migrate_on_start", "log_level", "log_format"}]
+    assert undocumented == []
 
 
 def test_missing_vhost_error_is_translated() -> None:

@@ -98,7 +98,7 @@ async def _stop_quietly(worker: Worker) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = entry_point_parser("python -m worker", DESCRIPTION, CHECK_NOTES)
+    parser = entry_point_parser("python -m worker", DESCRIPTION, CHECK_NOTES, reads="worker")
     parser.add_argument("--check", action="store_true",
                         help="check that PostgreSQL and RabbitMQ are reachable, then exit (0 ok, 1 not)")
     args = parser.parse_args(argv)

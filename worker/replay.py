@@ -230,7 +230,8 @@ async def cmd_drop(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = entry_point_parser("python -m worker.replay", "Inspect, replay or drop dead-lettered customer requests.")
+    parser = entry_point_parser("python -m worker.replay", "Inspect, replay or drop dead-lettered customer requests.",
+                                reads="replay")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,replay,drop}")
 
     listing = commands.add_parser("list", help="list dead letters, oldest first (changes nothing)")
