@@ -263,7 +263,7 @@ def amqp_permissions(prefix: str = "crm") -> dict[str, AmqpPermissions]:
     Why each part is there (shared/topology.py declares it all from every process):
     * ``configure`` = declare: the exchange, the shard queues, the dead-letter queue, the topology marker;
       the gateway also its exclusive reply queues ``<prefix>.reply.<id>``.
-    * The marker is declared with ``alternate-exchange`` = ``shard-count=N,queue-type=T``: creating it needs
+    * The marker is declared with ``alternate-exchange`` = ``shard-count=N,queue-type=T,dead=T``: creating it needs
       write on an exchange of that name and read on the marker.
     * A shard queue is declared with a dead-letter target (the default exchange, which permissions name
       ``amq.default``): whoever creates it first needs read on the queue and write on ``amq.default``. So
@@ -276,7 +276,7 @@ def amqp_permissions(prefix: str = "crm") -> dict[str, AmqpPermissions]:
     p = re.escape(prefix)
     exchange, marker, dead = rf"{p}\.requests", rf"{p}\.topology", rf"{p}\.dead"
     shards, replies = rf"{p}\.shard\.\d+", rf"{p}\.reply\.\w+"
-    marker_target, default_exchange = r"shard-count=\d+,queue-type=\w+", r"amq\.default"
+    marker_target, default_exchange = r"shard-count=\d+,queue-type=\w+(?:,dead=\w+)?", r"amq\.default"
     return {
         "gateway": AmqpPermissions(
             configure=_anchored(exchange, marker, dead, shards, replies),

@@ -79,22 +79,11 @@ async def run(settings: Settings) -> None:
         with quiet_amqp_logs():  # aio-pika's own error lines would double ours
             await worker.start()
     except Exception as exc:  # the probes passed: the topology, a migration, a port or a race
-        await _stop_quietly(worker)
-        raise StartupError(describe_unexpected(exc, settings)) from exc
+        raise StartupError(describe_unexpected(exc, settings)) from exc  # start() closed what it opened
     try:
         await stop.wait()
     finally:
         await worker.stop()
-
-
-async def _stop_quietly(worker: Worker) -> None:
-    logging.disable(logging.CRITICAL)  # the stop's own lines ("worker stopping") would follow the error
-    try:
-        await worker.stop()
-    except Exception:
-        pass
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

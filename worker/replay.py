@@ -33,27 +33,24 @@ from aio_pika.abc import AbstractChannel
 
 from shared.brokers import connect_once
 from shared.cli import (
-    describe_amqp_error,
-    describe_postgres_error,
+    StartupError,
     describe_unexpected,
     entry_point_parser,
+    fail,
     load_settings_or_exit,
+    starting,
 )
 from shared.logs import configure_logging
 from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.stamps import HybridClock
 from shared.timeline import SAMPLES_PER_SYNC, Timeline
-from shared.topology import Topology, TopologyMismatch
+from shared.topology import Topology
 from worker import dead_letters
 from worker.dead_letters import DeadLetter
 from worker.deadletter import H_REPLAYED
 from worker.repository import init_connection, newest_field_stamp, record_audit
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 1
-
-
-class Unreachable(Exception):
-    """RabbitMQ or Postgres cannot be reached; the message says which and where."""
 
 
 class DeadLetterSession:
@@ -70,22 +67,19 @@ class DeadLetterSession:
     async def __aenter__(self) -> DeadLetterSession:
         # PostgreSQL first: nothing is taken from the queue unless it can be stored.
         try:
-            self.conn = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT)
-            await init_connection(self.conn)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise Unreachable(describe_postgres_error(exc, self.settings.database_url)) from exc
-        try:
-            self.connection = await connect_once(self.settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
-        except Exception as exc:
-            await self.conn.close()
-            raise Unreachable(describe_amqp_error(exc, self.settings.amqp_url)) from exc
-        # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
-        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:  # replays are routed by SHARD_COUNT: it must be the one the workers consume
-            await self.topology.check_against_broker(self.channel)
-        except TopologyMismatch as exc:
+            with starting("PostgreSQL", self.settings.database_url):
+                self.conn = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT)
+                await init_connection(self.conn)
+            with starting("RabbitMQ", self.settings.amqp_url):
+                self.connection = await connect_once(self.settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
+                # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
+                self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                # Replays are routed by SHARD_COUNT: it must be the one the workers consume (a mismatch keeps
+                # its own message).
+                await self.topology.check_against_broker(self.channel)
+        except BaseException:
             await self.__aexit__()
-            raise Unreachable(str(exc)) from exc
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -145,9 +139,8 @@ async def fresh_stamp_clock(settings: Settings, conn: asyncpg.Connection) -> Hyb
     """
     timeline = Timeline.from_settings(settings)
     try:
-        await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unreachable(describe_postgres_error(exc, settings.database_url)) from exc
+        with starting("PostgreSQL", settings.database_url):
+            await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=CONNECT_TIMEOUT)
     finally:
         await timeline.stop()
     clock = timeline.clock
@@ -272,12 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"list": cmd_list, "replay": cmd_replay, "drop": cmd_drop}[args.command]
     try:
         return asyncio.run(command(settings, args))
-    except Unreachable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except StartupError as exc:  # the same one line as every entry point's (shared.cli.starting)
+        fail(str(exc))
     except (OSError, aio_pika.exceptions.AMQPError, asyncpg.PostgresError) as exc:  # lost midway: still one line
-        print(f"error: {describe_unexpected(exc, settings)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        fail(describe_unexpected(exc, settings))
 
 
 if __name__ == "__main__":

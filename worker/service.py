@@ -1,9 +1,11 @@
 """Worker lifecycle: open and check connections, consume, drain on SIGTERM, close.
 
-start():  Postgres pool (+ migrations) -> database clock (shared/timeline.py) -> robust AMQP connection ->
-          topology -> appliers -> consumers
+start():  Postgres pool (+ migrations) -> database clock (shared/timeline.py) -> metrics server -> AMQP
+          connection (a node list, shared/brokers.py) -> topology -> appliers -> consumers; each opened resource
+          is registered on one AsyncExitStack, so a failure half-way closes exactly what was opened
 stop():   cancel consumers (stop taking work) -> wait for in-flight packs up to the deadline ->
-          cancel the rest (left unacked: the broker redelivers them) -> close AMQP -> close the pool and clock
+          cancel the rest (left unacked: the broker redelivers them) -> close in reverse order: appliers, AMQP,
+          metrics server, clock, pool
 """
 
 from __future__ import annotations
@@ -50,18 +52,39 @@ class Worker:
         self.consumer_tags: list[str] = []
         self.consumer: Consumer | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        # Everything start() opened, closed by stop() (or by start() itself when it fails half-way).
+        self._resources = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
+        """Open and check everything, in order; on any failure close what was opened (one owner) and raise."""
+        try:
+            await self._open()
+        except BaseException:
+            logging.disable(logging.CRITICAL)  # the clean-up's own lines would follow the start-up error
+            try:
+                await self._resources.aclose()
+            except Exception:
+                pass
+            finally:
+                logging.disable(logging.NOTSET)
+            raise
+
+    async def _open(self) -> None:
         settings = self.settings
+        resources = self._resources
         self.pool = await create_pool(settings.database_url, settings.db_pool_size)
+        resources.push_async_callback(self.pool.close)
         async with self.pool.acquire() as conn:
             if settings.migrate_on_start:
                 await apply_migrations(conn)
             await conn.fetchval("SELECT 1 FROM customers LIMIT 1")
         await self.timeline.start()
+        resources.push_async_callback(self.timeline.stop)
         if self.metrics_server is not None:
             await self.metrics_server.start()  # a taken METRICS_PORT fails start-up, like an unreachable broker
+            resources.push_async_callback(self.metrics_server.stop)
         self.connection = await connect_robust(settings.amqp_url, name="crm-worker", attempt_timeout=CONNECT_TIMEOUT)
+        resources.push_async_callback(self.connection.close)
         # Dead letters: confirmed, and an unroutable one raises (so its pack is not acked).
         self.publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self.reply_channel = await self.connection.channel(publisher_confirms=False)
@@ -74,12 +97,14 @@ class Worker:
                                  self.timeline, self.metrics)
         self.tasks = [asyncio.create_task(self.consumer.run_applier()) for _ in range(settings.worker_concurrency)]
         self.tasks.append(asyncio.create_task(self._cleanup_loop()))
+        resources.push_async_callback(self._cancel_tasks)  # closed first: before the connection and the pool
         for queue in self.queues:
             self.consumer_tags.append(await queue.consume(self.consumer.on_message))
         log.info("worker consuming %d shard queues (prefetch %d, batch %d)",
                  len(self.queues), settings.worker_prefetch, settings.worker_batch_size)
 
     async def stop(self) -> None:
+        """Stop taking work, drain in-flight packs up to the deadline, then close everything ``start`` opened."""
         log.info("worker stopping: no new deliveries, draining in-flight work")
         for queue, tag in zip(self.queues, self.consumer_tags, strict=False):
             with contextlib.suppress(Exception):
@@ -90,17 +115,13 @@ class Worker:
                 log.warning("drain deadline reached with %d packs unsettled; they will be redelivered",
                             len(self.consumer.unsettled))
             self.consumer.cancel_retries()
+        await self._resources.aclose()  # in reverse order of opening
+        log.info("worker stopped")
+
+    async def _cancel_tasks(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.connection is not None:
-            await self.connection.close()
-        if self.pool is not None:
-            await self.pool.close()
-        await self.timeline.stop()
-        if self.metrics_server is not None:
-            await self.metrics_server.stop()
-        log.info("worker stopped")
 
     async def _cleanup_loop(self) -> None:
         retention = dt.timedelta(hours=self.settings.processed_retention_hours)
