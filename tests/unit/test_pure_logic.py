@@ -1,4 +1,4 @@
-"""Pure logic without I/O: the shard function, the hybrid clock, the per-field merge, the retry policy,
+"""Pure logic without I/O: the hybrid clock, the per-field merge, the retry policy,
 the transient-error classification and the message envelope."""
 
 from __future__ import annotations
@@ -24,48 +24,8 @@ from shared.envelope import (
 from shared.errors import PermanentError, RetryableError, is_transient
 from shared.model import CREATE_DEFAULTS
 from shared.stamps import HybridClock
-from shared.topology import Topology, shard_for
 from worker.consumer import backoff
 from worker.merge import FIELDS, CustomerState
-
-# ---- shard_for --------------------------------------------------------------------------------------
-
-# crc32 values fixed here, not recomputed: a change of hash function would silently move every userId
-# to another shard and break per-user ordering across a rolling deploy. 0xCBF43926 is CRC-32's check value.
-KNOWN_SHARDS = [
-    ("123456789", 8, 0xCBF43926 % 8),
-    ("123456789", 16, 6),
-    ("123456789", 1024, 294),
-    ("agent_user_12345", 8, 3),
-    ("agent_user_67890", 8, 2),
-    ("a", 8, 3),
-    ("张三", 8, 2),  # UTF-8 bytes of the userId
-    ("", 8, 0),
-]
-
-
-@pytest.mark.parametrize(("user_id", "shard_count", "expected"), KNOWN_SHARDS)
-def test_shard_for_is_crc32_modulo_shard_count(user_id: str, shard_count: int, expected: int) -> None:
-    assert shard_for(user_id, shard_count) == expected
-
-
-def test_shard_for_is_stable_and_in_range() -> None:
-    users = [f"user-{i}" for i in range(2000)]
-    for shard_count in (1, 3, 8, 64):
-        first = [shard_for(user, shard_count) for user in users]
-        assert first == [shard_for(user, shard_count) for user in users]
-        assert all(0 <= shard < shard_count for shard in first)
-    # Every shard gets some users (the hash spreads them).
-    assert {shard_for(user, 8) for user in users} == set(range(8))
-
-
-def test_topology_routes_a_user_to_its_shard_queue() -> None:
-    topology = Topology("crm", 8, "quorum")
-    assert topology.exchange == "crm.requests"
-    assert topology.routing_key_for("agent_user_12345") == "shard.3"
-    assert topology.shard_queue(3) == "crm.shard.3"
-    assert topology.dead_letter_queue == "crm.dead"
-
 
 # ---- HybridClock ------------------------------------------------------------------------------------
 
