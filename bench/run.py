@@ -290,7 +290,8 @@ async def profile(stack: BenchStack, options: Options, run_id: str) -> list[str]
         return []
     RESULTS_DIR.mkdir(exist_ok=True)
     targets = [("gateway", stack.gateway)] + [(f"worker-{n}", w) for n, w in enumerate(stack.workers, start=1)]
-    outputs, recorders = [], []
+    outputs: list[str] = []
+    recorders = []
     for name, server in targets:
         assert server is not None
         output = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}-{name}.svg"
@@ -303,9 +304,9 @@ async def profile(stack: BenchStack, options: Options, run_id: str) -> list[str]
     result = await measured_run(stack, options, "pipeline", mode="steady", tag="profile", seed=99,
                                 connections=options.connections, duration=options.duration)
     print(run_row("profile", result), flush=True)
-    for recorder, output in zip(recorders, outputs, strict=True):
+    for recorder, written in zip(recorders, outputs, strict=True):
         code = await recorder.wait()
-        print(f"  flame graph: {output}" if code == 0 else f"  py-spy failed ({code}); no profile: {output}")
+        print(f"  flame graph: {written}" if code == 0 else f"  py-spy failed ({code}); no profile: {written}")
     return outputs
 
 
