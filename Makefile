@@ -23,11 +23,15 @@ services: install
 	$(BIN)/python scripts/ensure_services.py
 	$(BIN)/python scripts/enable_rabbitmq_prometheus.py
 
+# The 15 slowest tests are listed at the end: a test that grows slow is seen the day it does.
 test: lint services
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
+# The edit-test loop, under 10 s: property tests run a fifth of their examples (tests/hypothesis_profiles.py;
+# `make test` runs them all), and the pytest plugins no unit test uses are not loaded (schemathesis alone
+# costs a second of start-up).
 unit: install
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit --hypothesis-profile=quick -p no:schemathesis -p no:anyio
 
 migrate: install
 	$(BIN)/python -m shared.migrate

@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+import tests.hypothesis_profiles  # noqa: F401 - registers the profiles before --hypothesis-profile loads one
 from bench.stack import rabbitmqctl, with_database, with_vhost
 from shared.migrate import migrate
 from tests.poison import FAST_RETRIES, PoisonTrigger
