@@ -190,7 +190,7 @@ class RpcClient:
                 try:
                     await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
-                    # Sent or not, unconfirmed: 503 (README: retry with the same Idempotency-Key). A nack is the
+                    # Sent or not, unconfirmed: 503 (docs/api.md: retry with the same Idempotency-Key). A nack is the
                     # bounded shard queue refusing it (x-overflow reject-publish): surely not accepted.
                     self.metrics.count_publish(confirmed=False)
                     rejected = isinstance(exc, aio_pika.exceptions.DeliveryError) and not isinstance(
@@ -234,7 +234,7 @@ class RpcClient:
         its confirm, at once instead of at PUBLISH_TIMEOUT.
 
         A blocked connection is not read by the broker, so those publishes are not accepted now; they may be
-        once the alarm ends — the 503 says "not accepted, retry with the same Idempotency-Key" (README), and a
+        once the alarm ends — the 503 says "not accepted, retry with the same Idempotency-Key" (docs/api.md), and a
         retry of one that did land is answered from processed_requests.
         """
         while True:

@@ -16,7 +16,7 @@ wait for the very node that died. This module is the smallest piece that fixes i
 
 The other option is a TCP load balancer (HAProxy, a cloud LB, a Kubernetes Service) in front of the nodes and
 one URL: it also moves clients on, but it is one more component to run and make highly available, and it hides
-which node a client is on from the broker's connection list. The list needs neither (README, "High
+which node a client is on from the broker's connection list. The list needs neither (docs/operations.md, "High
 availability").
 """
 
@@ -114,13 +114,17 @@ class NodeListConnection(RobustConnection):
     async def _RobustConnection__connect_transport(self) -> None:
         failures: list[tuple[str, BaseException]] = []
         for _ in range(len(self.nodes)):
-            self.url = self.nodes[self.position]
+            tried = self.position
+            self.url = self.nodes[tried]
             try:
                 await RobustConnection._RobustConnection__connect_transport(self)  # type: ignore[attr-defined]
                 return
             except CONNECTION_EXCEPTIONS as exc:
                 failures.append((mask_url(str(self.url)), exc))
-                self.position = (self.position + 1) % len(self.nodes)
+                # From the node tried, not from self.position: aio-pika also runs _on_connection_close for a
+                # failed attempt, which has moved it on already (twice would skip a node, and with two nodes
+                # retry the dead one for ever).
+                self.position = (tried + 1) % len(self.nodes)
         if len(failures) == 1:
             raise failures[0][1]
         raise NodesUnreachable(failures)

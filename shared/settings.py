@@ -148,7 +148,7 @@ READ_BY: Final[Mapping[str, tuple[str, ...]]] = {
         "processed_retention_hours", "idempotency_window_hours", *_CLOCK, *_LOGS,
     ),
     "worker": (
-        "database_url", "amqp_url", *_TOPOLOGY, "worker_prefetch", "worker_batch_size", "worker_concurrency",
+        "database_url", "amqp_url", "host", *_TOPOLOGY, "worker_prefetch", "worker_batch_size", "worker_concurrency",
         "db_pool_size", "metrics_port", "max_attempts", "retry_base_delay", "retry_max_delay", "shutdown_deadline",
         "processed_retention_hours", "idempotency_window_hours", "migrate_on_start", *_CLOCK, *_LOGS,
     ),

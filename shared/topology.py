@@ -47,7 +47,7 @@ from shared.errors import CrmError
 from shared.settings import Settings
 
 CHANGE_HINT = "give every gateway and worker the same SHARD_COUNT and QUEUE_TYPE, or change the topology as " \
-    "the README's \"Changing SHARD_COUNT or QUEUE_TYPE\" says"
+    "docs/architecture.md, \"Changing SHARD_COUNT or QUEUE_TYPE\", says"
 
 
 log = logging.getLogger("topology")
@@ -193,8 +193,8 @@ class Topology:
         upgraded deployment: the bound (``x-max-length`` / ``x-overflow``: created before the bound existed, or
         with another QUEUE_MAX_LENGTH) and the placement (``x-quorum-initial-group-size``,
         ``x-queue-leader-locator``, ``x-dead-letter-strategy``: created before QUORUM_REPLICAS existed). Such a
-        queue is used as it is, with a warning: an operator changes a bound with a policy (README, "Bounded
-        queues") and adds replicas with ``rabbitmq-queues grow`` (README, "High availability").
+        queue is used as it is, with a warning: an operator changes a bound with a policy (docs/operations.md,
+        "Bounded queues") and adds replicas with ``rabbitmq-queues grow`` (docs/operations.md, "High availability").
         """
         async with _probe_channel(connection) as probe:
             try:
@@ -204,8 +204,8 @@ class Topology:
                 if argument not in _TOLERATED_ARGUMENTS:
                     raise self._queue_mismatch(name, exc) from None
                 log.warning("queue %s exists with %s %s, not %r as this process would declare it: queue arguments "
-                            "cannot change, so it is used as it is (README, \"Bounded queues\" and \"High "
-                            "availability\")", name, argument, _current_value(exc) or "unset",
+                            "cannot change, so it is used as it is (docs/operations.md, \"Bounded queues\" and "
+                            "\"High availability\")", name, argument, _current_value(exc) or "unset",
                             arguments.get(argument, "unset"))
                 return True
         return False

@@ -135,7 +135,7 @@ async def fresh_stamp_clock(settings: Settings, conn: asyncpg.Connection) -> Hyb
     """A clock on the shared timeline (the database's clock, like every gateway's) for ``--force``.
 
     It also observes the newest field stamp stored, so a forced replay wins even over a write stamped by a
-    gateway that was running ahead of the timeline (one that never reached the database, see README).
+    gateway that was running ahead of the timeline (one that never reached the database, see docs/architecture.md).
     """
     timeline = Timeline.from_settings(settings)
     try:
