@@ -7,8 +7,10 @@ Each invalid case also checks that the error names the field and is listed in ``
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from shared.errors import VALIDATION_MESSAGE, RequestInvalid
@@ -419,3 +421,17 @@ def test_snake_case_bot_id_is_an_unknown_key_and_ignored() -> None:
     customer = parse_customer({"userId": "u2", "bot_id": "x"})
     assert customer.bot_id is None
     assert customer.provided_fields() == {}
+
+
+# ---- the messages, byte for byte ----------------------------------------------------------------------
+
+# Bodies and the 400 the hand-written validators gave them, recorded before the rules became pydantic
+# constraints: every message of the model, for a value breaking one rule or several (which rule is named).
+MESSAGES_BEFORE: list[dict[str, Any]] = orjson.loads((Path(__file__).parent / "model_messages.json").read_bytes())
+
+
+@pytest.mark.parametrize("case", MESSAGES_BEFORE, ids=lambda case: repr(case["body"])[:60])
+def test_error_messages_are_the_recorded_ones(case: dict[str, Any]) -> None:
+    with pytest.raises(RequestInvalid) as caught:
+        parse_customer(case["body"])
+    assert (caught.value.error, caught.value.details) == (case["error"], case["details"])
