@@ -44,13 +44,21 @@ MAX_IDEMPOTENCY_KEY: Final = 255
 # ``parse_idempotency_key``.
 IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~](?:[ -~]*[!-~])?$"
 
+# The texts of the refusals raised here ({limit} bytes, {seconds} of CLIENT_TIMEOUT); gateway.openapi shows them.
+NOT_JSON: Final = "Content-Type必须为application/json"
+BODY_TOO_LARGE: Final = "请求体不能超过{limit}字节"
+BODY_TOO_SLOW: Final = "请求体未在{seconds:g}秒内传完"
+PHONE_TAKEN: Final = "手机号已存在"  # when the worker's outcome carries no text of its own
+KEY_REUSED: Final = "Idempotency-Key已用于内容不同的请求"
+DEAD_LETTERED: Final = "客户数据处理失败，请求已转入死信队列"
+
 
 async def read_json_body(request: web.Request, limit: int, client_timeout: float) -> object:
     """The decoded JSON body, or the matching ClientError (415, 413, 408, 400)."""
     if request.content_type != "application/json":
-        raise UnsupportedMediaType("Content-Type必须为application/json")
+        raise UnsupportedMediaType(NOT_JSON)
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"请求体不能超过{limit}字节")
+        raise BodyTooLarge(BODY_TOO_LARGE.format(limit=limit))
     remaining = client_timeout - (time.monotonic() - request_started(request))
     try:
         async with asyncio.timeout(max(remaining, 0.001)):  # CLIENT_TIMEOUT covers the whole request
@@ -59,7 +67,7 @@ async def read_json_body(request: web.Request, limit: int, client_timeout: float
         raise RequestInvalid("请求体无法读取（内容不完整或编码错误）") from None
     except TimeoutError:
         stop_lingering(request)
-        raise RequestTimeout(f"请求体未在{client_timeout:g}秒内传完") from None
+        raise RequestTimeout(BODY_TOO_SLOW.format(seconds=client_timeout)) from None
     if not raw.strip():
         raise RequestInvalid("请求体不能为空")
     try:
@@ -125,10 +133,10 @@ async def post_customer(request: web.Request) -> web.Response:
     if outcome.status == "superseded" and outcome.id is not None:
         return responses.superseded(outcome.id, outcome.user_id, outcome.superseded or [])
     if outcome.status == "phone_taken":
-        raise PhoneTaken(outcome.error or "手机号已存在")
+        raise PhoneTaken(outcome.error or PHONE_TAKEN)
     if outcome.status == "idempotency_conflict":
-        raise IdempotencyKeyReused(outcome.error or "Idempotency-Key已用于内容不同的请求")
-    raise ProcessingFailed("客户数据处理失败，请求已转入死信队列")
+        raise IdempotencyKeyReused(outcome.error or KEY_REUSED)
+    raise ProcessingFailed(DEAD_LETTERED)
 
 
 async def get_customer(request: web.Request) -> web.Response:
@@ -137,4 +145,4 @@ async def get_customer(request: web.Request) -> web.Response:
     customer = await request.app[STORE].customer(user_id)
     if customer is None:
         raise CustomerNotFound(f"客户不存在：{user_id}")
-    return responses.json_response({"success": True, "data": customer})
+    return responses.stored_customer(customer)

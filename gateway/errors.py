@@ -18,6 +18,7 @@ from gateway.state import REQUEST_ID, SETTINGS
 from shared.errors import (
     BodyTooLarge,
     ClientError,
+    ErrorBody,
     MethodNotAllowed,
     NotFound,
     ProcessingFailed,
@@ -76,7 +77,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response.headers["Allow"] = exc.headers["Allow"]  # aiohttp's: the route's methods, sorted
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = json_response(
-            {"success": False, "error": "服务器内部错误", "message": "服务器处理失败"}, status=500
-        )
+        body: ErrorBody = {"success": False, "error": "服务器内部错误", "message": ProcessingFailed.message}
+        response = json_response(body, status=500)
     return response

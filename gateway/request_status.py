@@ -29,4 +29,4 @@ async def get_request_status(request: web.Request) -> web.Response:
     status = await request.app[STORE].request_status(request_id, now_ms)
     if status is None:
         raise RequestNotFound(f"请求不存在或已超过保留期：{request_id}")
-    return responses.json_response({"success": True, "data": status.body()})
+    return responses.request_status(status.body())

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.responses import RequestOutcome, RequestStatusData
 from shared.errors import ServiceUnavailable
 from shared.request_ids import request_id_time_ms
 
@@ -47,11 +48,11 @@ FUTURE_TOLERANCE_MS = 5 * 60 * 1000
 class RequestStatus:
     request_id: str
     user_id: str | None
-    status: str  # pending | created | updated | superseded | phone_taken | failed
+    status: RequestOutcome
     id: int | None = None
     error: str | None = None
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> RequestStatusData:
         return {"requestId": self.request_id, "userId": self.user_id, "status": self.status, "id": self.id,
                 "error": self.error}
 

@@ -13,11 +13,28 @@ Business outcomes such as "phone taken" are not exceptions: they are results the
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Literal, NotRequired
 
 import asyncpg
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 VALIDATION_MESSAGE = "请求数据验证失败"
+
+
+class FieldError(TypedDict):
+    field: str
+    error: str
+
+
+# The spec's error shape, every error answer's body; the OpenAPI document's Error schema is generated from it
+# (so no docstring: it would become the schema's description).
+class ErrorBody(TypedDict):
+    success: Literal[False]
+    error: Annotated[str, Field(description="具体错误（如哪个字段不合规）")]
+    message: Annotated[str, Field(description="错误类别")]
+    details: NotRequired[Annotated[list[FieldError], Field(description="400时逐字段列出全部错误")]]
+    requestId: NotRequired[Annotated[str, Field(description="请求ID（死信的500带此字段，可用于replay）")]]
 
 
 class CrmError(Exception):
@@ -30,13 +47,13 @@ class ClientError(CrmError):
     status = 400
     message = VALIDATION_MESSAGE
 
-    def __init__(self, error: str, *, details: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, error: str, *, details: list[FieldError] | None = None) -> None:
         super().__init__(error)
         self.error = error
         self.details = details
 
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"success": False, "error": self.error, "message": self.message}
+    def body(self) -> ErrorBody:
+        body: ErrorBody = {"success": False, "error": self.error, "message": self.message}
         if self.details:
             body["details"] = self.details
         return body

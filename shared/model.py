@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
-from shared.errors import RequestInvalid
+from shared.errors import FieldError, RequestInvalid
 
 USER_ID_REQUIRED: Final = "userId为必填字段"
 
@@ -383,7 +383,7 @@ def parse_customer(data: Any) -> CustomerIn:
         return CustomerIn.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        details = [
+        details: list[FieldError] = [
             {"field": field, "error": _message(field, _first_broken_rule(field, data.get(field), field_errors))}
             for field, field_errors in _field_errors(errors).items()
         ]
