@@ -39,6 +39,7 @@ from gateway.errors import error_middleware
 from gateway.health import healthz, readyz
 from gateway.inflight import InFlight, track_in_flight
 from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
+from gateway.paths import EXTERNAL_API
 from gateway.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
 from gateway.request_id import issue_request_id
 from gateway.request_status import get_request_status
@@ -110,10 +111,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rpc_ctx)
 
-    app.router.add_post("/api/external/customers", post_customer)
+    app.router.add_post(f"{EXTERNAL_API}/customers", post_customer)
     # [^/]+, not aiohttp's default [^{}/]+: a userId may hold braces (found by the round-trip property test).
-    app.router.add_get("/api/external/customers/{userId:[^/]+}", get_customer)
-    app.router.add_get("/api/external/requests/{requestId}", get_request_status)
+    app.router.add_get(f"{EXTERNAL_API}/customers/{{userId:[^/]+}}", get_customer)
+    app.router.add_get(f"{EXTERNAL_API}/requests/{{requestId}}", get_request_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -29,6 +29,7 @@ from typing import Final
 from aiohttp import web
 
 from gateway.errors import error_response
+from gateway.paths import EXTERNAL_API, EXTERNAL_ROUTES
 from gateway.state import API_KEY, API_KEY_NAME, METRICS, SETTINGS
 from shared.apikeys import KeyRing, parse_keys_file, parse_keys_variable
 from shared.cli import StartupError
@@ -40,8 +41,6 @@ log = logging.getLogger("gateway.auth")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RELOAD_INTERVAL: Final = 1.0  # seconds between checks of API_KEYS_FILE
-EXTERNAL_PREFIX: Final = "/api/external"
-EXTERNAL_ROUTES: Final = EXTERNAL_PREFIX + "/"
 DOCS_PATHS: Final = frozenset({"/docs", "/openapi.json"})
 
 # (mtime_ns, size, inode) of the keys file, or the text of the error reading it.
@@ -155,7 +154,7 @@ class ApiKeys:
     # ---- per request ---------------------------------------------------------------------------------
 
     def protects(self, path: str) -> bool:
-        if path == EXTERNAL_PREFIX or path.startswith(EXTERNAL_ROUTES):
+        if path == EXTERNAL_API or path.startswith(EXTERNAL_ROUTES):
             return True
         if self.protect_metrics and path == "/metrics":
             return True

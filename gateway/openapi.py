@@ -34,6 +34,7 @@ from gateway.customers import (
     NOT_JSON,
     PHONE_TAKEN,
 )
+from gateway.paths import EXTERNAL_API, EXTERNAL_ROUTES
 from gateway.request_status import REFUSED
 from gateway.responses import (
     ACCEPTED_MESSAGE,
@@ -70,7 +71,6 @@ from shared.settings import Settings
 
 JsonDict = dict[str, Any]
 
-EXTERNAL_API: Final = "/api/external"
 
 _EXAMPLE_USER = "agent_user_12345"
 _USER_ID = "CustomerIn/properties/userId"
@@ -440,7 +440,7 @@ def _paths(settings: Settings) -> dict[str, JsonDict]:
 def external_operations(document: JsonDict) -> Iterator[JsonDict]:
     """Every operation of the external API (the ones an API key will protect)."""
     for path, item in document["paths"].items():
-        if path.startswith(f"{EXTERNAL_API}/"):
+        if path.startswith(EXTERNAL_ROUTES):
             yield from item.values()
 
 

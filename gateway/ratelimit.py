@@ -33,6 +33,7 @@ from typing import Final
 from aiohttp import web
 
 from gateway.errors import error_response
+from gateway.paths import EXTERNAL_ROUTES
 from gateway.state import API_KEY, METRICS, SETTINGS
 from shared.apikeys import ApiKey
 from shared.errors import TooManyRequests
@@ -41,7 +42,6 @@ from shared.token_bucket import BucketTable, Decision
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-LIMITED_PREFIX: Final = "/api/external/"
 MAX_CLIENTS: Final = 100_000  # buckets held at most (a few hundred bytes each)
 POLICY_NAME: Final = "default"
 
@@ -109,7 +109,7 @@ def rate_limit_headers(response: web.StreamResponse, policy: Policy, decision: D
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """429 past the client's bucket; the RateLimit fields on every answer of a limited request."""
-    if not request.path.startswith(LIMITED_PREFIX):
+    if not request.path.startswith(EXTERNAL_ROUTES):
         return await handler(request)
     key: ApiKey | None = request.get(API_KEY)
     app = request.app
