@@ -75,7 +75,7 @@ JsonDict = dict[str, Any]
 _EXAMPLE_USER = "agent_user_12345"
 _USER_ID = "CustomerIn/properties/userId"
 _EXAMPLE_REQUEST_ID = "01920b6e-5f3a-7cc2-9b1e-4f6d2a8c0e31"  # a UUIDv7
-_EXAMPLE_REFUSED_ID = "01920b6e-5f3a-7bad-9b1e-4f6d2a8c0e31"  # its unaccepted form (shared.request_ids)
+_EXAMPLE_REFUSED_ID = "01920b6e-5f3a-7bad-9b1e-4f6d2a8c0e31"  # its unaccepted form (gateway.request_ids)
 
 # The scenario bodies of the API spec (customer-api.zh.md, "业务场景示例"), verbatim.
 SPEC_EXAMPLES: Final[dict[str, JsonDict]] = {

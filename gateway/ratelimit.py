@@ -2,7 +2,7 @@
 
 Flow of one request on ``/api/external/*`` (nothing else is limited): its policy — the key's own
 ``rate:burst`` from the keys file, else RATE_LIMIT / RATE_BURST, else none (no headers, no limit) → take a
-token from the client's bucket (``shared.token_bucket``) → none left: 429 in the spec's shape with
+token from the client's bucket (``gateway.token_bucket``) → none left: 429 in the spec's shape with
 ``Retry-After`` (whole seconds until the next token, rounded up), built by ``gateway.errors.error_response``;
 otherwise the handler. Every answer of a limited request, 2xx and errors alike, carries the two fields of
 draft-ietf-httpapi-ratelimit-headers-11 (May 2026; same syntax since -08):
@@ -35,10 +35,10 @@ from aiohttp import web
 from gateway.errors import error_response
 from gateway.paths import EXTERNAL_ROUTES
 from gateway.state import API_KEY, METRICS, SETTINGS
+from gateway.token_bucket import BucketTable, Decision
 from shared.apikeys import ApiKey
 from shared.errors import TooManyRequests
 from shared.settings import Settings
-from shared.token_bucket import BucketTable, Decision
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,6 +1,6 @@
 """``issue_request_id``: every answer to a POST names its request with ``X-Request-Id``, refusals included.
 
-Flow: a POST arrives → an id in its unaccepted form (``shared.request_ids.new_unaccepted_request_id``:
+Flow: a POST arrives → an id in its unaccepted form (``gateway.request_ids.new_unaccepted_request_id``:
 ``xxxxxxxx-xxxx-7bad-...``) is made on the shared timeline, kept in ``request[REQUEST_ID]`` and bound for the
 log lines → the API key, the rate limit, the in-flight cap, validation may refuse it (401, 429, 503, 400,
 413...) → ``gateway.customers.post_customer`` turns it into its accepted form once the broker confirmed the
@@ -18,9 +18,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.access_log import REQUEST_ID_HEADER
+from gateway.request_ids import accepted_request_id, new_unaccepted_request_id
 from gateway.state import REQUEST_ID, TIMELINE
 from shared.logs import set_request_id
-from shared.request_ids import accepted_request_id, new_unaccepted_request_id
 
 
 @web.middleware

@@ -5,7 +5,7 @@ then ``created`` / ``updated`` / ``superseded`` / ``phone_taken`` (with the cust
 (dead-lettered, with the reason) — and after a successful replay, the replay's outcome.
 
 404 for an id that is not ours, is past PROCESSED_RETENTION_HOURS, or was handed out with a refusal (400, 401,
-413, 429, 503...: its unaccepted form, ``shared.request_ids.was_refused``; such a request was never accepted
+413, 429, 503...: its unaccepted form, ``gateway.request_ids.was_refused``; such a request was never accepted
 and never will be applied) — told apart from the id alone, without asking the database.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import responses
+from gateway.request_ids import was_refused
 from gateway.state import STORE, TIMELINE
 from shared.errors import RequestNotFound
-from shared.request_ids import was_refused
 
 REFUSED = "请求未被受理（提交时已被拒绝），不会被处理"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import asyncpg
 
+from gateway.request_ids import request_id_time_ms
 from gateway.responses import RequestOutcome, RequestStatusData
 from shared.errors import ServiceUnavailable
-from shared.request_ids import request_id_time_ms
 
 DATABASE_DOWN = "数据库暂不可用，请稍后重试"
 

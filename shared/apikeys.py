@@ -1,7 +1,7 @@
 """API keys: the configured entries, how they are parsed, and the constant-time lookup. Pure: no I/O.
 
 An entry is ``name:sha256hex`` or ``name:sha256hex:rate:burst`` (a per-key rate limit, see
-``shared.token_bucket``). Entries come one per line from ``API_KEYS_FILE`` (``#`` comments and blank lines
+``gateway.token_bucket``). Entries come one per line from ``API_KEYS_FILE`` (``#`` comments and blank lines
 allowed) or comma-separated from ``API_KEYS``. Only the SHA-256 of a key is ever configured or held; the key
 itself exists in the caller's header and, for one ``hashlib`` call, here.
 

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.request_ids import new_request_id, request_id_time_ms
+from gateway.request_ids import new_request_id, request_id_time_ms
 from tests.conftest import fetch_customer, post
 from tests.poison import FAST_RETRIES, PoisonTrigger
 from tests.spec_examples import scenario_1_body

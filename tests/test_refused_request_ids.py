@@ -1,7 +1,7 @@
 """Issue 13, defect 1: an id handed out with a refusal is never answered ``pending`` — end to end.
 
 Every answer to a POST carries ``X-Request-Id``, refusals too. A refused request's id is in its unaccepted form
-(``shared.request_ids``: ``xxxxxxxx-xxxx-7bad-...``) and ``GET /api/external/requests/{id}`` answers 404 for
+(``gateway.request_ids``: ``xxxxxxxx-xxxx-7bad-...``) and ``GET /api/external/requests/{id}`` answers 404 for
 it, at once and without a database row per refusal; an id handed out with an accepted request (201/202) answers
 its real status. Each refusal is really produced: no key (401), a key over its own rate (429), an invalid
 body (400), the wrong content type (415), a body over BODY_LIMIT (413), a shard queue bounded to two messages
@@ -19,8 +19,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from gateway.request_ids import request_id_time_ms, was_refused
 from shared.apikeys import new_key
-from shared.request_ids import request_id_time_ms, was_refused
 from tests.conftest import fetch_customer
 from tests.support import Gateway, Stack, unique_user
 from tests.test_poison_and_replay import assert_error_shape, wait_until

@@ -36,11 +36,11 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from bench.stack import free_port, rabbitmqctl, with_database, with_vhost
+from gateway.request_ids import new_request_id
 from gateway.store import ReadStore
 from shared.cli import StartupError
 from shared.envelope import RequestEnvelope
 from shared.migrate import apply_migrations, migrate
-from shared.request_ids import new_request_id
 from shared.roles import (
     COMPONENTS,
     TABLE_GRANTS,

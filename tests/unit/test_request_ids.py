@@ -1,4 +1,4 @@
-"""Request ids (``shared.request_ids``): canonical UUIDv7 carrying the time they were made and whether they were
+"""Request ids (``gateway.request_ids``): canonical UUIDv7 carrying the time they were made and whether they were
 accepted, and the parser that tells our ids from anything else."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from shared.request_ids import (
+from gateway.request_ids import (
     accepted_request_id,
     new_request_id,
     new_unaccepted_request_id,

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 
 from gateway.ratelimit import Policy, RateLimiter, rate_limit_headers
+from gateway.token_bucket import BucketTable, TokenBucket
 from shared.apikeys import ApiKey
 from shared.settings import Settings
-from shared.token_bucket import BucketTable, TokenBucket
 
 
 def test_a_full_bucket_allows_burst_requests_at_once_then_refuses() -> None:
