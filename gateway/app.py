@@ -47,15 +47,15 @@ from gateway.rpc import RpcClient
 from gateway.server import name_the_server
 from gateway.state import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
 from gateway.store import ReadStore
+from shared.clock.timeline import Timeline
 from shared.settings import Settings
-from shared.timeline import Timeline
 
 
 async def _timeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """Stamp on the database clock: measure its offset now if Postgres answers, and keep measuring.
 
     Never fails start-up: with Postgres away the gateway still accepts (and stamps with its wall clock until
-    the first sample, see shared/timeline.py).
+    the first sample, see shared/clock/timeline.py).
     """
     timeline = Timeline.from_settings(app[SETTINGS])
     await timeline.start()

@@ -20,8 +20,9 @@ from typing import Final, Literal
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.clock.metrics import ClockMetrics
 from shared.envelope import OutcomeStatus
-from shared.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, ClockMetrics, bounded_label, metrics_response
+from shared.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, bounded_label, metrics_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

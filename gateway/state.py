@@ -8,8 +8,8 @@ from gateway.inflight import InFlight
 from gateway.metrics import METRICS as METRICS
 from gateway.rpc import RpcClient
 from gateway.store import ReadStore
+from shared.clock.timeline import Timeline
 from shared.settings import Settings
-from shared.timeline import Timeline
 
 SETTINGS = web.AppKey("settings", Settings)
 RPC = web.AppKey("rpc", RpcClient)

@@ -59,7 +59,7 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "failed_requests": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         # MIGRATE_ON_START (the default) reads which migrations are applied; it applies none with this role.
         "schema_migrations": ("SELECT",),
-        # shared/timeline.py: the first worker to see a new database server records its shift (INSERT ... ON
+        # shared/clock/timeline.py: the first worker to see a new database server records its shift (INSERT ... ON
         # CONFLICT DO NOTHING needs SELECT); WRITE_BATCH raises the high-water mark.
         "clock_epochs": ("SELECT", "INSERT"),
         "clock_high_water": ("SELECT", "UPDATE"),
@@ -69,7 +69,7 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "customers": ("SELECT",),
         "processed_requests": ("SELECT",),
         "failed_requests": ("SELECT",),
-        # shared/timeline.py: every sample reads the server's shift and the high-water mark.
+        # shared/clock/timeline.py: every sample reads the server's shift and the high-water mark.
         "clock_epochs": ("SELECT",),
         "clock_high_water": ("SELECT",),
     },
@@ -81,7 +81,7 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         # worker/dead_letters.py: dead letters moved out of the queue (INSERT ... ON CONFLICT needs SELECT),
         # listed, and deleted once replayed or dropped.
         "dead_letters": ("SELECT", "INSERT", "DELETE"),
-        # shared/timeline.py (replay --force stamps on the shared timeline).
+        # shared/clock/timeline.py (replay --force stamps on the shared timeline).
         "clock_epochs": ("SELECT",),
         "clock_high_water": ("SELECT",),
         # record_audit's DELETE ... WHERE request_id = ANY($1): a DELETE with a WHERE needs SELECT too.

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     protect_docs: bool = Field(False, description="/docs and /openapi.json need an API key too")
     protect_metrics: bool = Field(False, description="/metrics needs an API key too")
 
-    # Clock: every process stamps on the database server's clock (shared/timeline.py)
+    # Clock: every process stamps on the database server's clock (shared/clock/timeline.py)
     clock_sync_interval: float = Field(2.0, gt=0, description="seconds between samples of the database clock")
     clock_skew_bound_ms: float = Field(
         25.0, gt=0, description="clock error (ms) above which a process logs it; a worker logs requests stamped "

@@ -1,7 +1,7 @@
 """Causal order across gateways whose clocks disagree: a write sent after an answer always wins.
 
 The gateways' wall clocks are really shifted with libfaketime (Debian package ``faketime``; ``.ci/run``
-installs it where it is missing). Every gateway stamps on the database server's clock (``shared.timeline``),
+installs it where it is missing). Every gateway stamps on the database server's clock (``shared.clock.timeline``),
 so the shift must change nothing: the row ends with the last step, and every answer says what happened.
 """
 

@@ -20,8 +20,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
+from shared.clock.stamps import HybridClock
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
-from shared.stamps import HybridClock
 from shared.topology import Topology
 from tests.conftest import fetch_customer, post
 from tests.support import Stack, unique_phone, unique_user

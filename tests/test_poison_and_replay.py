@@ -25,8 +25,8 @@ import asyncpg
 import orjson
 import pytest
 
+from shared.clock.stamps import HybridClock
 from shared.envelope import RequestEnvelope, encode_pack
-from shared.stamps import HybridClock
 from shared.topology import Topology, shard_for
 from tests.conftest import fetch_customer, post
 from tests.poison import FAST_RETRIES, MAX_ATTEMPTS, PoisonTrigger

@@ -39,6 +39,7 @@ from bench.stack import free_port, rabbitmqctl, with_database, with_vhost
 from gateway.request_ids import new_request_id
 from gateway.store import ReadStore
 from shared.cli import StartupError
+from shared.clock.stamps import HybridClock
 from shared.envelope import RequestEnvelope
 from shared.migrate import apply_migrations, migrate
 from shared.roles import (
@@ -52,7 +53,6 @@ from shared.roles import (
     scram_verifier_matches,
 )
 from shared.settings import Settings
-from shared.stamps import HybridClock
 from tests.support import (
     ADMIN_AMQP_URL,
     ADMIN_DATABASE_URL,

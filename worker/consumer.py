@@ -28,11 +28,11 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import ValidationError
 
+from shared.clock.timeline import Timeline
 from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
 from shared.errors import PermanentError, is_transient
 from shared.logs import log_event, mask_text
 from shared.settings import Settings
-from shared.timeline import Timeline
 from shared.topology import Topology
 from worker.batch import Inbox
 from worker.deadletter import dead_letter_message

@@ -22,7 +22,8 @@ from typing import Final, Literal
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shared.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, ClockMetrics, metrics_response
+from shared.clock.metrics import ClockMetrics
+from shared.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, metrics_response
 from shared.settings import Settings
 
 log = logging.getLogger("worker.metrics")

@@ -11,7 +11,7 @@ and a delivery limit would drop a message listed too often), no order, and nothi
 
 Replays keep the request id and the original write stamp: a replayed request never overwrites a field
 that a newer request has set since (per-field stamps). ``--force`` gives it a fresh stamp instead, on the same
-shared timeline as every gateway's (the database clock, ``shared.timeline``).
+shared timeline as every gateway's (the database clock, ``shared.clock.timeline``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from shared.cli import (
     load_settings_or_exit,
     starting,
 )
+from shared.clock.stamps import HybridClock
+from shared.clock.timeline import SAMPLES_PER_SYNC, Timeline
 from shared.logs import configure_logging
 from shared.settings import CONNECT_TIMEOUT, Settings
-from shared.stamps import HybridClock
-from shared.timeline import SAMPLES_PER_SYNC, Timeline
 from shared.topology import Topology
 from worker import dead_letters
 from worker.dead_letters import DeadLetter

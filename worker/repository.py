@@ -151,7 +151,7 @@ recorded AS (
     LEFT JOIN upserted AS u ON u.user_id = r.user_id AND r.outcome <> 'phone_taken'
     ON CONFLICT (request_id) DO NOTHING
 ),
--- The timeline's floor (shared/timeline.py): the highest stamp written, raised in this same transaction, in
+-- The timeline's floor (shared/clock/timeline.py): the highest stamp written, raised in this same transaction, in
 -- the slot of this backend so that concurrent batches do not queue on one row.
 raised AS (
     UPDATE clock_high_water SET stamp = $3 WHERE slot = pg_backend_pid() % 64 AND stamp < $3

@@ -1,6 +1,6 @@
 """Worker lifecycle: open and check connections, consume, drain on SIGTERM, close.
 
-start():  Postgres pool (+ migrations) -> database clock (shared/timeline.py) -> metrics server -> AMQP
+start():  Postgres pool (+ migrations) -> database clock (shared/clock/timeline.py) -> metrics server -> AMQP
           connection (a node list, shared/brokers.py) -> topology -> appliers -> consumers; each opened resource
           is registered on one AsyncExitStack, so a failure half-way closes exactly what was opened
 stop():   cancel consumers (stop taking work) -> wait for in-flight packs up to the deadline ->
@@ -19,9 +19,9 @@ import asyncpg
 from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
 from shared.brokers import connect_robust
+from shared.clock.timeline import Timeline
 from shared.migrate import apply_migrations
 from shared.settings import CONNECT_TIMEOUT, Settings
-from shared.timeline import Timeline
 from shared.topology import Topology
 from worker.consumer import Consumer
 from worker.metrics import WorkerMetrics, metrics_server

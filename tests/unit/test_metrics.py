@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import METRICS, RPC_OUTCOMES, GatewayMetrics, http_metrics, metrics_handler
-from shared.metrics import ClockMetrics, exposition
+from shared.clock.metrics import ClockMetrics
+from shared.metrics import exposition
 from shared.settings import Settings
 from worker.metrics import APPLIED_OUTCOMES, MetricsServer, WorkerMetrics, metrics_server
 

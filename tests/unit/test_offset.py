@@ -1,4 +1,4 @@
-"""The offset estimator (``shared.offset``) and the shared timeline's clock logic (``shared.timeline``), no I/O.
+"""The offset estimator (``shared.clock.offset``) and the timeline's clock logic (``shared.clock.timeline``), no I/O.
 
 Times are made up: a "true" server clock ``TRUE_OFFSET`` ahead of the local monotonic clock, and samples whose
 query is delayed on the way out and back by chosen amounts, the way a network or a busy event loop delays them.
@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from shared.offset import DRIFT_PPM, OffsetEstimator, Sample, shift_for_new_server
-from shared.timeline import Timeline
+from shared.clock.offset import DRIFT_PPM, OffsetEstimator, Sample, shift_for_new_server
+from shared.clock.timeline import Timeline
 
 TRUE_OFFSET = 1_795_000_000_000_000_000  # ns: server time = local monotonic + this
 MS = 1_000_000

@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 import pytest
 
+from shared.clock.stamps import HybridClock
 from shared.envelope import (
     SCHEMA_VERSION,
     Outcome,
@@ -23,7 +24,6 @@ from shared.envelope import (
 )
 from shared.errors import PermanentError, RetryableError, is_transient
 from shared.model import CREATE_DEFAULTS
-from shared.stamps import HybridClock
 from worker.consumer import backoff
 from worker.merge import FIELDS, CustomerState
 

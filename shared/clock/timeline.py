@@ -2,7 +2,7 @@
 
 Write stamps must order a user's requests causally across any number of gateways, whatever their wall clocks
 say. So no process stamps with its own wall clock: each measures the offset between its monotonic clock and
-Postgres' ``clock_timestamp()`` every ``CLOCK_SYNC_INTERVAL`` seconds (``shared.offset``: NTP-style, corrected
+Postgres' ``clock_timestamp()`` every ``CLOCK_SYNC_INTERVAL`` seconds (``shared.clock.offset``: NTP-style, corrected
 by half the round trip, the least-delayed recent sample wins) and reads time as ``monotonic + offset``.
 
     now_us()   database time now, to within error_bound_us() (half a database round trip, plus drift
@@ -20,7 +20,7 @@ Failure modes, and what happens:
 * The database *server* changes (a failover to a standby, a restore, a migration to another host) and its clock
   differs from the old one's: the timeline must not step back, or a causally later write would stamp below one
   already stored and lose to it. Each server gets a shift (table ``clock_epochs``): timeline = its clock +
-  shift. The first worker to see a new server decides the shift (``shared.offset.shift_for_new_server``): the
+  shift. The first worker to see a new server decides the shift (``shared.clock.offset.shift_for_new_server``): the
   step it measured, cancelled (continuity), and never less than what keeps the timeline above the highest
   stamp stored (``clock_high_water``, raised by every batch in its own transaction). Every process adopts the
   stored shift, so they all stay on one timeline; the change is logged and counted (``crm_clock_steps_total``).
@@ -38,9 +38,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from shared.offset import DRIFT_PPM, OffsetEstimator, Sample, shift_for_new_server
+from shared.clock.offset import DRIFT_PPM, OffsetEstimator, Sample, shift_for_new_server
+from shared.clock.stamps import HybridClock
 from shared.settings import CONNECT_TIMEOUT, Settings
-from shared.stamps import HybridClock
 
 log = logging.getLogger("clock")
 

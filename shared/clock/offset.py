@@ -1,6 +1,6 @@
 """NTP-style estimate of the offset between this process's monotonic clock and the database server's clock.
 
-Pure logic, no I/O (``shared.timeline`` takes the samples). One sample is one query of the server's
+Pure logic, no I/O (``shared.clock.timeline`` takes the samples). One sample is one query of the server's
 ``clock_timestamp()``: the local monotonic clock is read just before the query is sent and just after the
 answer arrives. The server read its clock somewhere in between, so
 

@@ -1,7 +1,7 @@
 """Hybrid logical clock: the write stamp that orders a userId's requests.
 
 A stamp is an int: microseconds since the Unix epoch *on the shared timeline* (the database server's clock,
-see ``shared.timeline``), bumped by one whenever that time has not moved (or went back, e.g. after a better
+see ``shared.clock.timeline``), bumped by one whenever that time has not moved (or went back, e.g. after a better
 offset sample) since the last stamp. Within one process stamps are strictly increasing; across processes they
 are ordered by the shared timeline, to within the processes' offset errors (docs/architecture.md, "How ordering works").
 ``observe`` folds in a stamp learned elsewhere, so the clock never issues one at or below it.
