@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy.rabbitmq.permissions import rabbitmq_password_matches
 from shared.brokers import node_urls
-from shared.roles import rabbitmq_password_matches
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,6 +36,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from bench.stack import free_port, rabbitmqctl, with_database, with_vhost
+from deploy.rabbitmq.permissions import amqp_permissions, rabbitmq_password_matches
 from gateway.request_ids import new_request_id
 from gateway.store import ReadStore
 from shared.cli import StartupError
@@ -45,9 +46,7 @@ from shared.migrate import apply_migrations, migrate
 from shared.roles import (
     COMPONENTS,
     TABLE_GRANTS,
-    amqp_permissions,
     create_roles,
-    rabbitmq_password_matches,
     role_name,
     scram_sha256_verifier,
     scram_verifier_matches,

@@ -19,7 +19,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from shared.roles import COMPONENTS, amqp_permissions, rabbitmq_password_hash
+from deploy.rabbitmq.permissions import amqp_permissions, rabbitmq_password_hash
+from shared.roles import COMPONENTS
 
 HASHING = "rabbit_password_hashing_sha256"
 
