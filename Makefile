@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lint test unit services run-gateway run-worker migrate bench clean
+.PHONY: install lint test unit services run run-gateway run-worker migrate bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ unit: install
 
 migrate: install
 	$(BIN)/python -m shared.migrate
+
+# The whole system in one terminal: migrate, WORKERS workers (metrics on 9100, 9101, ...) and the gateway, their
+# logs interleaved (`worker-1 | ...`); Ctrl-C stops the gateway, then the workers, each draining (scripts/supervise.py).
+WORKERS ?= 2
+run: install
+	$(BIN)/python scripts/supervise.py --workers $(WORKERS)
 
 run-worker: install
 	$(BIN)/python -m worker
