@@ -11,10 +11,10 @@ process still running SHUTDOWN_DEADLINE + ``KILL_GRACE`` seconds after its SIGTE
 process exited 0, else 1. A process exiting on its own (a crash, a refused start) stops the others the same
 way, and the exit is 1.
 
-The processes run in a session of their own, so a terminal's Ctrl-C reaches this supervisor alone and the order
-above holds. On Linux nothing outlives it: each process gets SIGTERM should the supervisor die without
-stopping it, and the supervisor gets SIGTERM should its parent (``make``, which dies of a SIGTERM without
-passing it on) die first.
+The processes run in a session of their own, so a terminal's Ctrl-C reaches only this supervisor (and make),
+and the order above holds. On Linux nothing outlives it: each process gets SIGTERM should the supervisor die
+without stopping it, and the supervisor gets SIGTERM should its parent die first (``make``, which dies of a
+SIGTERM without passing it on).
 """
 
 from __future__ import annotations
@@ -44,25 +44,54 @@ in front of every line. Ctrl-C or SIGTERM stops the gateway, then the workers, e
 Exits 0 when every process stopped cleanly, 1 when one failed or exited on its own."""
 
 
+@dataclass(frozen=True)
+class Console:
+    """This terminal: every line written as ``name | line``, names padded to ``width``."""
+
+    width: int
+
+    def say(self, message: str) -> None:
+        """A line of the supervisor's own."""
+        self._write(f"{SELF.ljust(self.width)} | {message}\n".encode())
+
+    async def relay(self, name: str, stream: asyncio.StreamReader) -> None:
+        """Every line of ``stream`` as ``name | line`` (a last line without a newline too)."""
+        head = f"{name.ljust(self.width)} | ".encode()
+        pending = b""
+        while chunk := await stream.read(READ_CHUNK):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if lines:
+                self._write(b"".join(head + line + b"\n" for line in lines))
+        if pending:
+            self._write(head + pending + b"\n")
+
+    @staticmethod
+    def _write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
 @dataclass
 class Child:
-    """One process of the system, its output relayed with ``name`` in front."""
+    """One process of the system, its output relayed to the console with ``name`` in front."""
 
     name: str
     module: str
     env: dict[str, str]
+    console: Console = field(default_factory=lambda: Console(0), repr=False)
     process: asyncio.subprocess.Process | None = None
     relay: asyncio.Task[None] | None = field(default=None, repr=False)
 
-    async def start(self, width: int) -> None:
+    async def start(self, console: Console) -> None:
+        self.console = console
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", self.module, env=self.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         assert self.process.stdout is not None
-        self.relay = asyncio.create_task(_relay(self.name.ljust(width), self.process.stdout))
-        say(f"started {self.name} (pid {self.process.pid})", width)
+        self.relay = asyncio.create_task(self.console.relay(self.name, self.process.stdout))
+        self.console.say(f"started {self.name} (pid {self.process.pid})")
 
     @property
     def running(self) -> bool:
@@ -75,7 +104,7 @@ class Child:
         await asyncio.shield(self.relay)  # a cancelled wait must not cut the output short
         return status
 
-    async def stop(self, kill_after: float, width: int) -> int:
+    async def stop(self, kill_after: float) -> int:
         """SIGTERM, then the exit status; SIGKILL if it is still running ``kill_after`` seconds later."""
         assert self.process is not None
         if self.running:
@@ -84,31 +113,10 @@ class Child:
         try:
             return await asyncio.wait_for(self.wait(), kill_after)
         except TimeoutError:
-            say(f"{self.name} still running {kill_after:g}s after SIGTERM: killing it", width)
+            self.console.say(f"{self.name} still running {kill_after:g}s after SIGTERM: killing it")
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             return await self.wait()
-
-
-def say(message: str, width: int) -> None:
-    _write(f"{SELF.ljust(width)} | {message}\n".encode())
-
-
-def _write(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-
-
-async def _relay(prefix: str, stream: asyncio.StreamReader) -> None:
-    """Every line of ``stream`` to stdout as ``prefix | line`` (a last line without a newline too)."""
-    head = f"{prefix} | ".encode()
-    pending = b""
-    while chunk := await stream.read(READ_CHUNK):
-        *lines, pending = (pending + chunk).split(b"\n")
-        if lines:
-            _write(b"".join(head + line + b"\n" for line in lines))
-    if pending:
-        _write(head + pending + b"\n")
 
 
 def _die_with_parent() -> None:
@@ -136,41 +144,41 @@ async def supervise(workers: int, base_metrics_port: int, kill_after: float) -> 
         loop.add_signal_handler(sig, stop.set)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line through the pipe as it is written
+    migrate = Child("migrate", "shared.migrate", env)
     worker_list = [
         Child(f"worker-{n}", "worker", {**env, "METRICS_PORT": str(worker_metrics_port(base_metrics_port, n))})
         for n in range(1, workers + 1)
     ]
     gateway = Child("gateway", "gateway", env)
-    migrate = Child("migrate", "shared.migrate", env)
-    width = max(len(child.name) for child in [migrate, gateway, *worker_list])
-    say(f"supervisor pid {os.getpid()}: migrate, then {workers} workers and the gateway; Ctrl-C stops them", width)
+    console = Console(width=max(len(child.name) for child in [migrate, *worker_list, gateway]))
+    console.say(f"supervisor pid {os.getpid()}: migrate, then {workers} workers and the gateway; Ctrl-C stops them")
 
-    await migrate.start(width)
+    await migrate.start(console)
     if await _until_stop_or_exit(stop, [migrate]) == []:
-        say("stop requested during the migration", width)
-        await migrate.stop(kill_after, width)
+        console.say("stop requested during the migration")
+        await migrate.stop(kill_after)
         return EXIT_FAILURE
     migrated = await migrate.wait()
     if migrated != 0:
-        say(f"migration failed ({describe_exit(migrated)}): nothing started", width)
+        console.say(f"migration failed ({describe_exit(migrated)}): nothing started")
         return EXIT_FAILURE
 
     for child in [*worker_list, gateway]:
-        await child.start(width)
+        await child.start(console)
     exited = await _until_stop_or_exit(stop, [*worker_list, gateway])
     for child in exited:
-        say(f"{child.name} exited on its own ({describe_exit(await child.wait())}): stopping the others", width)
+        console.say(f"{child.name} exited on its own ({describe_exit(await child.wait())}): stopping the others")
     if not exited:
-        say("stopping: the gateway first (its in-flight requests get their answers), then the workers", width)
+        console.say("stopping: the gateway first (its in-flight requests get their answers), then the workers")
 
-    statuses = {gateway.name: await gateway.stop(kill_after, width)}
-    worker_statuses = await asyncio.gather(*(worker.stop(kill_after, width) for worker in worker_list))
+    statuses = {gateway.name: await gateway.stop(kill_after)}
+    worker_statuses = await asyncio.gather(*(worker.stop(kill_after) for worker in worker_list))
     statuses.update((worker.name, status) for worker, status in zip(worker_list, worker_statuses, strict=True))
     if exited or any(status != 0 for status in statuses.values()):
         said = ", ".join(f"{name} {describe_exit(status)}" for name, status in statuses.items())
-        say(f"stopped, not cleanly: {said}", width)
+        console.say(f"stopped, not cleanly: {said}")
         return EXIT_FAILURE
-    say(f"all {len(statuses)} processes stopped cleanly", width)
+    console.say(f"all {len(statuses)} processes stopped cleanly")
     return EXIT_OK
 
 
