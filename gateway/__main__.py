@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.inflight import IN_FLIGHT
 from gateway.server import GatewayRunner
-from gateway.state import IN_FLIGHT
 from shared.cli import (
     StartupError,
     describe_listen_error,

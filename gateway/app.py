@@ -1,15 +1,12 @@
 """``create_app(settings)``: the one place that wires the gateway's middlewares, routes and resources.
 
-Middlewares, outermost first:
-  access log (one line per request, request ids bound)  ->  in-flight count (SIGTERM waits for it; writes the
-  answer)  ->  request id (every POST's X-Request-Id, unaccepted until the broker confirms)  ->
-  metrics (count and time, final status)  ->  API key (401)  ->  rate limit (429; RateLimit fields on every
-  answer)  ->  errors (the only place errors become HTTP)  ->
-  in-flight cap (503 past MAX_IN_FLIGHT)  ->  handler
-Key and limit refusals are answered by their own middlewares through ``gateway.errors.error_response`` (the
-same shape and headers): outside the error middleware, so the limiter sees, and stamps, every final answer,
-and inside the metrics one, so 401s and 429s are counted and timed.
-``Server: crm-gateway`` on every answer (``gateway.server.name_the_server``), no versions.
+Every request passes one middleware, the edge (``gateway.middleware.edge``: in-flight count, request ids,
+errors -> HTTP, metrics, ``Server``, writing the answer, the access log). The public API is an application of
+its own mounted at ``/api/external`` (``gateway.paths``), carrying its own middlewares, outermost first:
+  API key (401; only with keys configured) -> rate limit (429, RateLimit fields on every answer; only with a
+  limit configured) -> in-flight cap (503 past MAX_IN_FLIGHT) -> handler (``gateway.api``)
+so no middleware tests a path. ``/docs`` and ``/metrics`` are wrapped in the key check when PROTECT_DOCS /
+PROTECT_METRICS say so; ``/healthz`` and ``/readyz`` never are.
 Resources, opened in this order at start-up and closed in reverse (cleanup contexts): the API keys (SIGHUP
 handler, file watcher; a bad keys file fails start-up before anything opens), the database clock,
 the read-only database pool (neither may fail start-up: Postgres can be away), the broker connection.
@@ -20,12 +17,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
-from gateway.access_log import access_log_middleware
-from gateway.auth import AUTH, ApiKeys, api_keys_ctx, require_api_key
-from gateway.backpressure import cap_in_flight
-from gateway.customers import get_customer, post_customer
+from gateway.api.customers import get_customer, post_customer
+from gateway.api.requests import get_request_status
 from gateway.docs import (
     DOCS,
     DOCS_ASSETS_ROUTE,
@@ -35,18 +30,17 @@ from gateway.docs import (
     load_docs,
     openapi_json,
 )
-from gateway.errors import error_middleware
 from gateway.health import healthz, readyz
-from gateway.inflight import InFlight, track_in_flight
-from gateway.metrics import GatewayMetrics, http_metrics, metrics_handler
+from gateway.inflight import IN_FLIGHT, InFlight
+from gateway.metrics import METRICS, GatewayMetrics, metrics_handler
+from gateway.middleware.auth import AUTH, ApiKeys, api_keys_ctx, protected, require_api_key
+from gateway.middleware.backpressure import cap_in_flight
+from gateway.middleware.edge import edge
+from gateway.middleware.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
 from gateway.paths import EXTERNAL_API
-from gateway.ratelimit import RATE_LIMITER, RateLimiter, rate_limit
-from gateway.request_id import issue_request_id
-from gateway.request_status import get_request_status
-from gateway.rpc import RpcClient
-from gateway.server import name_the_server
-from gateway.state import IN_FLIGHT, METRICS, RPC, SETTINGS, STORE, TIMELINE
-from gateway.store import ReadStore
+from gateway.rpc import RPC, RpcClient
+from gateway.state import SETTINGS, TIMELINE
+from gateway.store import STORE, ReadStore
 from shared.clock.timeline import Timeline
 from shared.settings import Settings
 
@@ -85,20 +79,8 @@ async def _rpc_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    # Keys and limits only where configured: a middleware layer costs every request, even one that passes.
     keys_configured = bool(settings.api_keys.strip() or settings.api_keys_file.strip())
-    access_control: list[Middleware] = [
-        *([require_api_key] if keys_configured else []),
-        *([rate_limit] if keys_configured or settings.rate_limit > 0 else []),  # per-key limits live in the keys
-    ]
-    app = web.Application(
-        client_max_size=settings.body_limit,
-        middlewares=[
-            access_log_middleware, track_in_flight, issue_request_id, http_metrics, *access_control,
-            error_middleware, cap_in_flight,
-        ],
-    )
-    app.on_response_prepare.append(name_the_server)
+    app = web.Application(client_max_size=settings.body_limit, middlewares=[edge])
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[METRICS] = GatewayMetrics()
@@ -110,16 +92,35 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_timeline_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_rpc_ctx)
+    app.add_subapp(EXTERNAL_API, _public_api(settings, keys_configured))
 
-    app.router.add_post(f"{EXTERNAL_API}/customers", post_customer)
-    # [^/]+, not aiohttp's default [^{}/]+: a userId may hold braces (found by the round-trip property test).
-    app.router.add_get(f"{EXTERNAL_API}/customers/{{userId:[^/]+}}", get_customer)
-    app.router.add_get(f"{EXTERNAL_API}/requests/{{requestId}}", get_request_status)
+    docs_guard = protected if keys_configured and settings.protect_docs else _open
+    metrics_guard = protected if keys_configured and settings.protect_metrics else _open
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs_page)
-    app.router.add_get("/docs/", docs_with_slash)
-    app.router.add_get(DOCS_ASSETS_ROUTE, docs_asset)
+    app.router.add_get("/metrics", metrics_guard(metrics_handler))
+    app.router.add_get("/openapi.json", docs_guard(openapi_json))
+    app.router.add_get("/docs", docs_guard(docs_page))
+    app.router.add_get("/docs/", docs_guard(docs_with_slash))
+    app.router.add_get(DOCS_ASSETS_ROUTE, docs_guard(docs_asset))
     return app
+
+
+def _public_api(settings: Settings, keys_configured: bool) -> web.Application:
+    """The public API, mounted at ``/api/external``, with its own middlewares: API keys (401), rate limits (429)
+    and the in-flight cap (503). Keys and limits only where configured: an idle layer still costs every request."""
+    middlewares: list[Middleware] = [
+        *([require_api_key] if keys_configured else []),
+        *([rate_limit] if keys_configured or settings.rate_limit > 0 else []),  # per-key limits live in the keys
+        cap_in_flight,
+    ]
+    api = web.Application(client_max_size=settings.body_limit, middlewares=middlewares)
+    api.router.add_post("/customers", post_customer)
+    # [^/]+, not aiohttp's default [^{}/]+: a userId may hold braces (found by the round-trip property test).
+    api.router.add_get("/customers/{userId:[^/]+}", get_customer)
+    api.router.add_get("/requests/{requestId}", get_request_status)
+    return api
+
+
+def _open(handler: Handler) -> Handler:
+    return handler

@@ -1,4 +1,4 @@
-"""The error middleware: the only place where errors become HTTP responses.
+"""Errors become HTTP here and nowhere else (``answer_error``, called by the edge middleware).
 
 Every error body has the spec's shape ``{"success": false, "error": ..., "message": ...}``; nothing the
 client sends can produce a stack trace or a 500 (a 500 means the worker gave up or we have a bug). What
@@ -9,7 +9,6 @@ aiohttp's own exception would have said in a header is kept: a 405 lists the rou
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -18,7 +17,6 @@ from gateway.state import REQUEST_ID, SETTINGS
 from shared.errors import (
     BodyTooLarge,
     ClientError,
-    ErrorBody,
     MethodNotAllowed,
     NotFound,
     ProcessingFailed,
@@ -30,9 +28,6 @@ from shared.errors import (
 )
 
 log = logging.getLogger("gateway.errors")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def _from_http_exception(exc: web.HTTPException) -> ClientError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -62,21 +57,22 @@ def error_response(error: ClientError, retry_after: int, request_id: str | None 
     return response
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    retry_after = request.app[SETTINGS].retry_after_seconds
-    try:
-        response = await handler(request)
-    except ClientError as error:
-        response = error_response(error, retry_after, request.get(REQUEST_ID))
-    except web.HTTPException as exc:
+def answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The answer to an exception raised while handling ``request``: the spec's JSON error shape, or a 500.
+
+    Called by the edge middleware (``gateway.middleware.edge``) for everything a handler or an inner middleware
+    raises, and by the rate limiter (whose RateLimit fields go on error answers too). An ``HTTPException``
+    below 400 (a redirect) is not an error: it is re-raised for aiohttp to send.
+    """
+    retry_after = request.config_dict[SETTINGS].retry_after_seconds
+    if isinstance(exc, ClientError):
+        return error_response(exc, retry_after, request.get(REQUEST_ID))
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         response = error_response(_from_http_exception(exc), retry_after)
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = exc.headers["Allow"]  # aiohttp's: the route's methods, sorted
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        body: ErrorBody = {"success": False, "error": "服务器内部错误", "message": ProcessingFailed.message}
-        response = json_response(body, status=500)
-    return response
+        return response
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return json_response({"success": False, "error": "服务器内部错误", "message": "服务器处理失败"}, status=500)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import responses
-from gateway.state import METRICS, RPC, TIMELINE
+from gateway.metrics import METRICS
+from gateway.rpc import RPC
+from gateway.state import TIMELINE
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -22,7 +24,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    rpc, timeline = request.app[RPC], request.app[TIMELINE]
+    rpc, timeline = request.config_dict[RPC], request.config_dict[TIMELINE]
     checks = {
         "broker": ("blocked" if rpc.blocked else "ok") if rpc.available else "down",
         "replies": "ok" if rpc.replies_consuming else "down",
@@ -31,7 +33,7 @@ async def readyz(request: web.Request) -> web.Response:
     }
     failing = [name for name in ("broker", "replies") if checks[name] != "ok"]
     ready = not failing
-    request.app[METRICS].set_ready(ready)
+    request.config_dict[METRICS].set_ready(ready)
     body: dict[str, object] = {"success": ready, "status": "ready" if ready else "not ready", "checks": checks}
     if failing:
         body["failing"] = failing

@@ -1,13 +1,11 @@
-"""Requests in flight, so that SIGTERM can wait for every answer to be written before closing anything."""
+"""Requests in flight, so that SIGTERM can wait for every answer to be written before closing anything (counted by
+the edge middleware, ``gateway.middleware.edge``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class InFlight:
@@ -35,18 +33,4 @@ class InFlight:
             return False
 
 
-@web.middleware
-async def track_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: a request counts until its response is fully written."""
-    from gateway.state import IN_FLIGHT  # keys imports this module
-
-    in_flight = request.app[IN_FLIGHT]
-    in_flight.enter()
-    try:
-        response = await handler(request)
-        # Write it here, inside the count (aiohttp would otherwise write it after we return).
-        await response.prepare(request)
-        await response.write_eof()
-        return response
-    finally:
-        in_flight.leave()
+IN_FLIGHT = web.AppKey("in_flight", InFlight)

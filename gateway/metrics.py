@@ -1,20 +1,18 @@
 """The gateway's metrics: one registry per process, served at ``GET /metrics``.
 
-Flow: the ``http_metrics`` middleware times every request and counts it by route template, method and final
-status; the handlers report the RPC outcome of each POST (``count_outcome``); the RPC client reports each
-publish (``count_publish``, ``observe_pack``); the broker-connection code flips ``set_ready``.
+Flow: the edge middleware (``gateway.middleware.edge``) times every request and counts it by route template,
+method and final status; the handlers report the RPC outcome of each POST (``count_outcome``); the RPC client
+reports each publish (``count_publish``, ``observe_pack``); the broker-connection code flips ``set_ready``.
 
 Labels stay bounded: ``route`` is the route template (``/api/external/customers/{userId}``, never the path) or
 ``unmatched``; ``method`` is one of the HTTP methods or ``other``; outcomes and results are fixed lists, with
 every series created at 0 so that ``rate()`` and alerts see them before the first event.
-``key`` is the name of a configured API key (or ``anonymous`` when keys are off), set by ``gateway.auth`` and
-``gateway.ratelimit``: bounded by the keys file, and never the key itself.
+``key`` is the name of a configured API key (or ``anonymous`` when keys are off), set by ``gateway.middleware.auth`` and
+``gateway.middleware.ratelimit``: bounded by the keys file, and never the key itself.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from typing import Final, Literal
 
 from aiohttp import web
@@ -23,8 +21,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shared.clock.metrics import ClockMetrics
 from shared.envelope import OutcomeStatus
 from shared.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, bounded_label, metrics_response
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # created/updated/superseded/phone_taken/idempotency_conflict/failed: the worker's answer; timeout: no answer
 # within RPC_TIMEOUT (202); unavailable: not accepted (503).
@@ -173,25 +169,6 @@ def route_of(request: web.Request) -> str:
     """The route template the request matched, or ``unmatched`` (404, 405): never the raw path."""
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else UNMATCHED
-
-
-@web.middleware
-async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request. Place it outside the error middleware, so it sees the final status."""
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    metrics.in_flight.inc()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        metrics.in_flight.dec()
-        metrics.observe_request(route_of(request), request.method, status, time.perf_counter() - started)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ Flow: ``build_openapi(settings)`` → the schemas under ``components/schemas`` a
 field rule is a constraint beside its field in ``shared/model.py``, so the document cannot drift from
 validation), the answers from the types their handlers build (``gateway.responses``,
 ``shared.errors.ErrorBody``) → examples and error bodies come from the code that produces them
-(``gateway.responses`` messages, the refusal texts of ``gateway.customers``, ``shared.errors`` classes,
+(``gateway.responses`` messages, the refusal texts of ``gateway.api.customers``, ``shared.errors`` classes,
 ``parse_customer``'s own error for a missing userId) → one dict, served as JSON by ``gateway.docs``.
 
 API keys and rate limits are described as configured (``describe_access``): with keys, the two security
@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from gateway.customers import (
+from gateway.api.customers import (
     BODY_TOO_LARGE,
     BODY_TOO_SLOW,
     DEAD_LETTERED,
@@ -34,8 +34,8 @@ from gateway.customers import (
     NOT_JSON,
     PHONE_TAKEN,
 )
+from gateway.api.requests import REFUSED
 from gateway.paths import EXTERNAL_API, EXTERNAL_ROUTES
-from gateway.request_status import REFUSED
 from gateway.responses import (
     ACCEPTED_MESSAGE,
     CREATED_MESSAGE,

@@ -1,38 +1,24 @@
-"""``issue_request_id``: every answer to a POST names its request with ``X-Request-Id``, refusals included.
+"""Every answer to a POST names its request with ``X-Request-Id``, refusals included.
 
-Flow: a POST arrives → an id in its unaccepted form (``gateway.request_ids.new_unaccepted_request_id``:
-``xxxxxxxx-xxxx-7bad-...``) is made on the shared timeline, kept in ``request[REQUEST_ID]`` and bound for the
-log lines → the API key, the rate limit, the in-flight cap, validation may refuse it (401, 429, 503, 400,
-413...) → ``gateway.customers.post_customer`` turns it into its accepted form once the broker confirmed the
-request (``accept_request_id``) → whatever the answer, it carries the id as it stands then.
+Flow: a POST arrives → the edge middleware (``gateway.middleware.edge``) makes an id in its unaccepted form
+(``gateway.request_ids.new_unaccepted_request_id``: ``xxxxxxxx-xxxx-7bad-...``) on the shared timeline, keeps it
+in ``request[REQUEST_ID]`` and binds it for the log lines → the API key, the rate limit, the in-flight cap,
+validation may refuse it (401, 429, 503, 400, 413...) → ``gateway.api.customers.post_customer`` turns it into
+its accepted form once the broker confirmed the request (``accept_request_id``) → whatever the answer, it
+carries the id as it stands then.
 
 So an id handed out with a refusal is recognisably one (``GET /api/external/requests/{id}`` answers 404 for
-it instead of ``pending``), and nothing is written anywhere per refusal. Placed inside the in-flight
-middleware (which writes the response) and outside the key and limit middlewares (whose refusals must carry
-the id too).
+it instead of ``pending``), and nothing is written anywhere per refusal: every refusal passes the edge, which
+puts the id on its answer.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from gateway.access_log import REQUEST_ID_HEADER
-from gateway.request_ids import accepted_request_id, new_unaccepted_request_id
-from gateway.state import REQUEST_ID, TIMELINE
+from gateway.request_ids import accepted_request_id
+from gateway.state import REQUEST_ID
 from shared.logs import set_request_id
-
-
-@web.middleware
-async def issue_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method != "POST":
-        return await handler(request)
-    request_id = new_unaccepted_request_id(request.app[TIMELINE].now_us() // 1000)
-    request[REQUEST_ID] = request_id
-    set_request_id(request_id)
-    response = await handler(request)
-    response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]  # accepted form if it was accepted
-    return response
 
 
 def accept_request_id(request: web.Request) -> str:

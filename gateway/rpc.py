@@ -25,6 +25,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiohttp import web
 
 from gateway.metrics import GatewayMetrics
 from shared.brokers import connect_robust
@@ -284,3 +285,6 @@ class RpcClient:
             future = self.pending.pop(outcome.request_id, None)
             if future is not None and not future.done():
                 future.set_result(outcome)
+
+
+RPC = web.AppKey("rpc", RpcClient)

@@ -7,7 +7,7 @@
   request's head, so a client trickling its headers one byte at a time (slowloris) would hold its connection
   for as long as it likes. ``_DeadlineRequestHandler`` starts a timer at the first byte of each request and
   closes the connection if the head is not complete when it fires; the body is read under the same deadline
-  by the handler (``gateway.customers.read_json_body``: 408).
+  by the handler (``gateway.api.customers.read_json_body``: 408).
 * Every answer says ``Server: crm-gateway`` (``SERVER_NAME``), never aiohttp's default naming the Python and
   aiohttp versions: ``name_the_server`` (the app's ``on_response_prepare``) for the app's answers,
   ``handle_error`` for the parser's refusals.
@@ -68,7 +68,7 @@ class _DeadlineRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """Requests aiohttp's parser refuses (a header too long, too many headers, a malformed request line)
-        never reach the app's error middleware: answer them in the spec's error shape too, not plain text."""
+        never reach the app's edge middleware: answer them in the spec's error shape too, not plain text."""
         response = super().handle_error(request, status, exc, message)  # logs it, refuses if already sent
         if status >= 500:
             error, summary = "服务器内部错误", "服务器处理失败"

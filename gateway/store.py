@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
 from gateway.request_ids import request_id_time_ms
 from gateway.responses import RequestOutcome, RequestStatusData
@@ -106,3 +107,6 @@ class ReadStore:
         if now_ms - self.retention_ms <= issued_ms <= now_ms + FUTURE_TOLERANCE_MS:
             return RequestStatus(request_id, None, "pending")
         return None
+
+
+STORE = web.AppKey("store", ReadStore)

@@ -58,7 +58,7 @@ def set_request_id(request_id: str) -> None:
     """Bind ``request_id`` for the rest of the current task's context.
 
     For a gateway handler: the access-log middleware scopes the binding to the HTTP request and resets it
-    afterwards, so the error middleware's and the access log's lines carry the id too.
+    afterwards, so every line logged while handling the request, and the access-log line, carry the id.
     """
     request_id_var.set(request_id)
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_header_size: int = Field(8190, ge=1024, description="bytes of the request line or of one header, at most")
     max_headers: int = Field(100, ge=10, description="headers in one request, at most")
 
-    # API keys and rate limits (gateway: gateway/auth.py, gateway/ratelimit.py)
+    # API keys and rate limits (gateway: gateway/middleware/auth.py, gateway/middleware/ratelimit.py)
     api_keys_file: str = Field(
         "", description="file of name:sha256hex[:rate:burst] lines, re-read on change and on SIGHUP (empty: none)")
     api_keys: str = Field("", description="the same entries separated by commas (empty: none; keys off if both are)")
@@ -106,6 +106,21 @@ class Settings(BaseSettings):
             raise ValueError("must be printable ASCII")
         return value
 
+    # Dead-letter console (python -m console, console/)
+    console_host: str = Field(
+        "127.0.0.1", description="address the console listens on; other than loopback it needs console keys")
+    console_port: int = Field(8090, ge=1, le=65535, description="the console's port")
+    console_keys_file: str = Field(
+        "", description="file of name:sha256hex:role lines (role viewer or operator), read at start (empty: none)")
+    console_keys: str = Field(
+        "", description="the same entries separated by commas (empty: none; without keys the console runs on a "
+        "loopback CONSOLE_HOST only, everyone an operator)")
+    console_secure_cookie: bool = Field(
+        False, description="mark the session cookie Secure (set it when the console is reached over HTTPS)")
+    console_secret: SecretStr | None = Field(
+        None, description="key that signs session cookies (unset: a random one per process, so a restart logs "
+        "everyone out; set it to keep sessions across restarts)")
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -133,6 +148,12 @@ class Settings(BaseSettings):
             raise ValueError("set API_KEYS_FILE or API_KEYS, not both")
         return self
 
+    @model_validator(mode="after")
+    def _one_source_of_console_keys(self) -> Settings:
+        if self.console_keys_file.strip() and self.console_keys.strip():
+            raise ValueError("set CONSOLE_KEYS_FILE or CONSOLE_KEYS, not both")
+        return self
+
 
 # Which settings each entry point reads: its --help lists these and no others (shared/cli.py). A unit test checks
 # that every setting is read by at least one entry point.
@@ -157,4 +178,8 @@ READ_BY: Final[Mapping[str, tuple[str, ...]]] = {
         *_LOGS,
     ),
     "replay": ("database_url", "amqp_url", *_TOPOLOGY, *_CLOCK, *_LOGS),
+    "console": (
+        "database_url", "amqp_url", *_TOPOLOGY, "console_host", "console_port", "console_keys_file", "console_keys",
+        "console_secure_cookie", "console_secret", *_CLOCK, *_LOGS,
+    ),
 }

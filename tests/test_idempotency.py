@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
+from gateway.api.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
 from shared.clock.stamps import HybridClock
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.topology import Topology

@@ -16,7 +16,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.access_log import access_log_middleware
 from shared.logs import (
     bind_request,
     configure_logging,
@@ -30,6 +29,7 @@ from shared.logs import (
     request_id_var,
     set_request_id,
 )
+from tests.gateway_apps import edge_app
 
 PHONE = "13800138000"
 WECHAT = "zhangsan123"
@@ -217,7 +217,7 @@ async def test_access_log_line_per_request_with_our_id_and_the_callers(capture: 
     async def boom(request: web.Request) -> web.Response:
         raise web.HTTPConflict()
 
-    app = web.Application(middlewares=[access_log_middleware])
+    app = edge_app()
     app.router.add_post("/api/external/customers", post_customer)
     app.router.add_get("/boom", boom)
     async with TestClient(TestServer(app)) as client:

@@ -14,10 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import METRICS, RPC_OUTCOMES, GatewayMetrics, http_metrics, metrics_handler
+from gateway.metrics import RPC_OUTCOMES, GatewayMetrics, metrics_handler
 from shared.clock.metrics import ClockMetrics
 from shared.metrics import exposition
 from shared.settings import Settings
+from tests.gateway_apps import edge_app
 from worker.metrics import APPLIED_OUTCOMES, MetricsServer, WorkerMetrics, metrics_server
 
 CUSTOMERS = "/api/external/customers"
@@ -127,8 +128,7 @@ async def gateway_client() -> AsyncIterator[tuple[TestClient[web.Request, web.Ap
         raise RuntimeError("bug")
 
     metrics = GatewayMetrics()
-    app = web.Application(middlewares=[http_metrics])
-    app[METRICS] = metrics
+    app = edge_app(metrics=metrics)
     app.router.add_get(CUSTOMERS + "/{user_id}", customer)
     app.router.add_post("/gone", gone)
     app.router.add_post("/broken", broken)

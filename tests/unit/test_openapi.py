@@ -30,7 +30,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from gateway import responses
-from gateway.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, parse_idempotency_key
+from gateway.api.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY, parse_idempotency_key
 from gateway.docs import (
     DOCS,
     DOCS_ASSETS,
@@ -41,10 +41,9 @@ from gateway.docs import (
     load_docs,
     openapi_json,
 )
-from gateway.errors import error_middleware
-from gateway.inflight import InFlight, track_in_flight
+from gateway.inflight import IN_FLIGHT, InFlight
 from gateway.openapi import SPEC_EXAMPLES, build_openapi, external_operations
-from gateway.state import IN_FLIGHT, SETTINGS
+from gateway.state import SETTINGS
 from shared.errors import (
     BodyTooLarge,
     ClientError,
@@ -67,6 +66,7 @@ from shared.model import (
     parse_customer,
 )
 from shared.settings import Settings
+from tests.gateway_apps import edge_app
 from tests.hypothesis_profiles import examples
 from tests.spec_examples import scenario_1_body
 
@@ -458,10 +458,12 @@ def test_error_bodies_match_the_error_schema(error: ClientError) -> None:
 def docs_app(*, gateway_middlewares: bool = False) -> web.Application:
     """An app with the lines gateway/app.py wires (see gateway.docs), optionally behind its middlewares."""
     settings = Settings()
-    middlewares = [track_in_flight, error_middleware] if gateway_middlewares else []
-    app = web.Application(middlewares=middlewares)
-    app[SETTINGS] = settings
-    app[IN_FLIGHT] = InFlight()
+    if gateway_middlewares:
+        app = edge_app(settings=settings)
+    else:
+        app = web.Application()
+        app[SETTINGS] = settings
+        app[IN_FLIGHT] = InFlight()
     app[DOCS] = load_docs(settings)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs_page)

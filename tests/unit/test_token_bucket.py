@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 from aiohttp import web
 
-from gateway.ratelimit import Policy, RateLimiter, rate_limit_headers
+from gateway.middleware.ratelimit import Policy, RateLimiter, rate_limit_headers
 from gateway.token_bucket import BucketTable, TokenBucket
 from shared.apikeys import ApiKey
 from shared.settings import Settings

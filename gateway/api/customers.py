@@ -20,9 +20,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import responses
+from gateway.metrics import METRICS
 from gateway.request_id import accept_request_id, accepted
+from gateway.rpc import RPC
 from gateway.server import request_started, stop_lingering
-from gateway.state import API_KEY_NAME, METRICS, RPC, SETTINGS, STORE, TIMELINE
+from gateway.state import API_KEY_NAME, SETTINGS, TIMELINE
+from gateway.store import STORE
 from shared.envelope import RequestEnvelope, body_hash
 from shared.errors import (
     BodyTooLarge,
@@ -93,7 +96,7 @@ def parse_idempotency_key(header: str | None) -> str | None:
 
 async def post_customer(request: web.Request) -> web.Response:
     started = time.monotonic()
-    app = request.app
+    app = request.config_dict
     settings, rpc, metrics, timeline = app[SETTINGS], app[RPC], app[METRICS], app[TIMELINE]
     request_id = accept_request_id(request)  # carried by the envelope; the answer's only once confirmed
 
@@ -142,7 +145,7 @@ async def post_customer(request: web.Request) -> web.Response:
 async def get_customer(request: web.Request) -> web.Response:
     """The stored customer in the request's field names, plus ``id``, ``createdAt``, ``updatedAt``."""
     user_id = request.match_info["userId"]
-    customer = await request.app[STORE].customer(user_id)
+    customer = await request.config_dict[STORE].customer(user_id)
     if customer is None:
         raise CustomerNotFound(f"客户不存在：{user_id}")
     return responses.stored_customer(customer)

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from gateway import responses
 from gateway.request_ids import was_refused
-from gateway.state import STORE, TIMELINE
+from gateway.state import TIMELINE
+from gateway.store import STORE
 from shared.errors import RequestNotFound
 
 REFUSED = "请求未被受理（提交时已被拒绝），不会被处理"
@@ -25,8 +26,8 @@ async def get_request_status(request: web.Request) -> web.Response:
     request_id = request.match_info["requestId"]
     if was_refused(request_id):
         raise RequestNotFound(f"{REFUSED}：{request_id}")
-    now_ms = request.app[TIMELINE].now_us() // 1000
-    status = await request.app[STORE].request_status(request_id, now_ms)
+    now_ms = request.config_dict[TIMELINE].now_us() // 1000
+    status = await request.config_dict[STORE].request_status(request_id, now_ms)
     if status is None:
         raise RequestNotFound(f"请求不存在或已超过保留期：{request_id}")
     return responses.request_status(status.body())

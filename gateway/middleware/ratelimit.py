@@ -25,22 +25,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from gateway.errors import error_response
-from gateway.paths import EXTERNAL_ROUTES
-from gateway.state import API_KEY, METRICS, SETTINGS
+from gateway.errors import answer_error, error_response
+from gateway.metrics import METRICS
+from gateway.state import API_KEY, SETTINGS
 from gateway.token_bucket import BucketTable, Decision
 from shared.apikeys import ApiKey
 from shared.errors import TooManyRequests
 from shared.settings import Settings
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_CLIENTS: Final = 100_000  # buckets held at most (a few hundred bytes each)
 POLICY_NAME: Final = "default"
@@ -108,11 +107,10 @@ def rate_limit_headers(response: web.StreamResponse, policy: Policy, decision: D
 
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """429 past the client's bucket; the RateLimit fields on every answer of a limited request."""
-    if not request.path.startswith(EXTERNAL_ROUTES):
-        return await handler(request)
+    """429 past the client's bucket; the RateLimit fields on every answer of a limited request (installed on the
+    public API only, ``gateway.app``)."""
     key: ApiKey | None = request.get(API_KEY)
-    app = request.app
+    app = request.config_dict
     limiter = app[RATE_LIMITER]
     policy = limiter.policy_for(key)
     if policy is None:
@@ -121,7 +119,10 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     client = f"key:{key.name}" if key is not None else f"addr:{request.remote}"
     decision = limiter.take(client, policy)
     if decision.allowed:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:  # answered here, so that an error answer carries the RateLimit fields too
+            response = answer_error(request, exc)
     else:
         app[METRICS].count_rate_limited(key.name if key is not None else None)
         retry_after = max(1, math.ceil(decision.retry_after))

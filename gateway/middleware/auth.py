@@ -1,7 +1,8 @@
 """API-key authentication: the ``require_api_key`` middleware and the key ring it reads (``ApiKeys``).
 
-Flow of one request: a protected path? (``/api/external/*``; ``/metrics`` with PROTECT_METRICS; ``/docs``,
-``/docs/assets/*`` and ``/openapi.json`` with PROTECT_DOCS; ``/healthz`` and ``/readyz`` never) → keys
+Flow of one request: a protected route? (the public API, where ``gateway.app`` installs the middleware;
+``/metrics`` with PROTECT_METRICS, ``/docs``, ``/docs/assets/*`` and ``/openapi.json`` with PROTECT_DOCS, wrapped
+by ``protected``; ``/healthz`` and ``/readyz`` never) → keys
 configured? (none: the gateway is open, and said so in one WARNING at start) → the key from
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` → ``KeyRing.find`` (SHA-256, then
 ``hmac.compare_digest`` against every configured digest) → the key's *name* in ``request[API_KEY_NAME]``, for
@@ -22,26 +23,25 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.errors import error_response
-from gateway.paths import EXTERNAL_API, EXTERNAL_ROUTES
-from gateway.state import API_KEY, API_KEY_NAME, METRICS, SETTINGS
+from gateway.metrics import METRICS
+from gateway.state import API_KEY, API_KEY_NAME, SETTINGS
 from shared.apikeys import KeyRing, parse_keys_file, parse_keys_variable
 from shared.cli import StartupError
 from shared.errors import INVALID_KEY, MISSING_KEY, Unauthorized
 from shared.settings import Settings
 
-log = logging.getLogger("gateway.auth")
+log = logging.getLogger("gateway.middleware.auth")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RELOAD_INTERVAL: Final = 1.0  # seconds between checks of API_KEYS_FILE
-DOCS_PATHS: Final = frozenset({"/docs", "/openapi.json"})
 
 # (mtime_ns, size, inode) of the keys file, or the text of the error reading it.
 FileSignature = tuple[int, int, int] | str
@@ -153,13 +153,6 @@ class ApiKeys:
 
     # ---- per request ---------------------------------------------------------------------------------
 
-    def protects(self, path: str) -> bool:
-        if path == EXTERNAL_API or path.startswith(EXTERNAL_ROUTES):
-            return True
-        if self.protect_metrics and path == "/metrics":
-            return True
-        return self.protect_docs and (path in DOCS_PATHS or path.startswith("/docs/"))
-
 
 def _signature(path: Path) -> tuple[int, int, int]:
     stat = os.stat(path)
@@ -184,11 +177,11 @@ def presented_key(request: web.Request) -> str | None:
 
 @web.middleware
 async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """401 for a protected path without a configured key; otherwise note the key's name and go on."""
-    app = request.app
-    keys = app[AUTH]
-    ring = keys.ring
-    if ring is None or not keys.protects(request.path):
+    """401 without a configured key; otherwise note the key's name and go on. Installed on the public API
+    (``gateway.app``); ``/docs`` and ``/metrics`` get the same check through ``protected`` when configured."""
+    app = request.config_dict
+    ring = app[AUTH].ring
+    if ring is None:
         return await handler(request)
     presented = presented_key(request)
     if presented is None:
@@ -212,3 +205,13 @@ async def api_keys_ctx(app: web.Application) -> AsyncIterator[None]:
     await keys.start()
     yield
     await keys.stop()
+
+
+def protected(handler: Handler) -> Handler:
+    """``handler`` behind the API-key check (``/docs`` and ``/openapi.json`` with PROTECT_DOCS, ``/metrics`` with
+    PROTECT_METRICS): the route decides, not a test of the path."""
+
+    async def check_then_handle(request: web.Request) -> web.StreamResponse:
+        return await require_api_key(request, handler)
+
+    return check_then_handle

@@ -1,0 +1,1 @@
+"""The public API (mounted at ``/api/external`` by ``gateway.app``), one module per resource: customers, requests."""
