@@ -93,8 +93,14 @@ NOT_BLANK_NO_NUL: Final = r"^[^\u0000]*[^\s\u0000\u001c-\u001f][^\u0000]*$"
 PHONE: Final = r"^1[3-9][0-9]{9}$"
 DATE: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 PRICE_RANGE: Final = r"^([0-9]{1,9})-([0-9]{1,9})$"
-# Documentation of the JSON text form of room_tags (the JSON parser is what enforces it).
-_JSON_ARRAY_TEXT: Final = r"^\s*\[[\s\S]*\]\s*$"
+# The JSON text form of room_tags, stated exactly: a JSON array of JSON strings (the JSON parser is what enforces
+# it; escapes of UTF-16 surrogates are left out, the parser refuses lone ones). Tag count and length are stated
+# in words (contentSchema).
+_JSON_WS: Final = r"[ \t\n\r]*"
+_JSON_STRING: Final = r'"(?:[^"\\\u0000-\u001f]|\\["\\/bfnrt]|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*"'
+_JSON_ARRAY_TEXT: Final = (
+    rf"^{_JSON_WS}\[{_JSON_WS}(?:{_JSON_STRING}{_JSON_WS}(?:,{_JSON_WS}{_JSON_STRING}{_JSON_WS})*)?\]{_JSON_WS}$"
+)
 
 _T = TypeVar("_T")
 
