@@ -71,11 +71,17 @@ TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "clock_epochs": ("SELECT",),
         "clock_high_water": ("SELECT",),
     },
+    # The replay tool and the dead-letter console (python -m console): the same statements, worker/dead_letters.py.
     "replay": {
-        # worker/repository.py: NEWEST_FIELD_STAMP (replay --force).
+        # worker/repository.py: NEWEST_FIELD_STAMP (replay --force); select_customer_states (the dry run's "fields
+        # it would set, fields a newer write holds").
         "customers": ("SELECT",),
-        # record_audit's INSERT (no RETURNING, so no SELECT).
-        "dead_letter_audit": ("INSERT",),
+        # record_audit's INSERT ... RETURNING id (RETURNING needs SELECT) and the console's audit page. Never
+        # UPDATE or DELETE: the audit trail is append-only.
+        "dead_letter_audit": ("SELECT", "INSERT"),
+        # SELECT_REQUEST_STATUSES: a replayed request's outcome once a worker applied it (and the dry run's
+        # "already applied").
+        "processed_requests": ("SELECT",),
         # worker/dead_letters.py: dead letters moved out of the queue (INSERT ... ON CONFLICT needs SELECT),
         # listed, and deleted once replayed or dropped.
         "dead_letters": ("SELECT", "INSERT", "DELETE"),

@@ -52,6 +52,7 @@ from shared.roles import (
     scram_verifier_matches,
 )
 from shared.settings import Settings
+from shared.topology import Topology
 from tests.support import (
     ADMIN_AMQP_URL,
     ADMIN_DATABASE_URL,
@@ -63,14 +64,19 @@ from tests.support import (
     unique_phone,
 )
 from tests.test_entry_points import assert_one_line_failure, run
+from worker import dead_letters
 from worker.replay import fresh_stamp_clock
 from worker.repository import (
+    LetterFilter,
     Request,
     apply_batch,
     delete_expired_processed,
     init_connection,
     record_audit,
     record_failure,
+    select_audit,
+    select_customer_states,
+    select_request_statuses,
 )
 
 PREFIX = f"crm_t{RUN_ID}_"  # the roles of most tests
@@ -376,7 +382,10 @@ async def test_replay_role_writes_the_audit_and_reads_the_newest_stamp(roles: li
 async def test_replay_role_can_do_nothing_more(roles: list[str]) -> None:
     conn = await connect_as("replay")
     try:
-        await assert_refused(conn, "SELECT * FROM dead_letter_audit")
+        # The audit trail is append-only, for the tool and the console alike.
+        await assert_refused(conn, "UPDATE dead_letter_audit SET actor = 'someone else'")
+        await assert_refused(conn, "DELETE FROM dead_letter_audit")
+        await assert_refused(conn, "UPDATE processed_requests SET outcome = 'created'")
         await assert_refused(conn, "UPDATE customers SET name = 'x'")
         await assert_refused(conn, "INSERT INTO customers (user_id) VALUES ('replay-was-here')")
         await assert_refused(conn, "DELETE FROM processed_requests")
@@ -384,6 +393,33 @@ async def test_replay_role_can_do_nothing_more(roles: list[str]) -> None:
         await assert_refused(conn, "DROP TABLE dead_letter_audit")
     finally:
         await conn.close()
+
+
+async def test_replay_role_runs_the_consoles_reads_dry_run_and_audit_page(roles: list[str]) -> None:
+    """The console uses the replay role: dead letters searched, the dry run's customers and request statuses read,
+    audit rows written (their id returned) and read back."""
+    user = f"console_{RUN_ID}"
+    conn = await connect_as("worker")
+    try:
+        [outcome] = await apply_batch(conn, [request(envelope(user, name="王五"))], WINDOW)
+    finally:
+        await conn.close()
+
+    conn = await connect_as("replay")
+    try:
+        letters = await dead_letters.stored(conn, Topology(prefix="crm", shard_count=2, queue_type="quorum"),
+                                            LetterFilter(user_id=user, q="王五"), newest_first=True, limit=50)
+        states = await select_customer_states(conn, [user])
+        statuses = await select_request_statuses(conn, [outcome.request_id, "never-seen"])
+        audit_id = await record_audit(conn, "console-test", "reveal", {"id": 1}, [outcome.request_id], "revealed")
+        [audit] = await select_audit(conn, audit_id=audit_id)
+    finally:
+        await conn.close()
+
+    assert letters == []
+    assert states[user].values["name"] == "王五" and states[user].stamps["name"] > 0
+    assert (statuses[outcome.request_id].status, statuses["never-seen"].status) == ("created", "pending")
+    assert (audit["actor"], audit["action"], audit["request_ids"]) == ("console-test", "reveal", [outcome.request_id])
 
 
 # ---- re-runs, several databases, concurrency, drift -----------------------------------------------------

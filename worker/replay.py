@@ -1,8 +1,11 @@
 """``python -m worker.replay``: list, replay or drop dead-lettered requests.
 
-    list   [--json] [--user-id ID] [--reason TEXT] [--limit N] [--show-pii]
+    list   [--json] [--user-id ID] [--reason TEXT] [--since T] [--until T] [--q VALUE] [--limit N] [--show-pii]
     replay (--all | --user-id ID | --request-id ID | --reason TEXT) [--dry-run] [--force] [--actor NAME]
     drop   (--all | --user-id ID | --request-id ID | --reason TEXT) --yes [--actor NAME]
+
+Selecting, replaying, dropping and auditing are ``worker.dead_letters``'s, shared with the console
+(``python -m console``): both select with the same SQL and write the same audit rows.
 
 How it reads dead letters without using them up: every command first moves what waits in the dead-letter
 queue into PostgreSQL's ``dead_letters`` table (``worker.dead_letters``: stored, then acked), and reads, replays
@@ -41,21 +44,21 @@ from shared.cli import (
     starting,
 )
 from shared.clock.stamps import HybridClock
-from shared.clock.timeline import SAMPLES_PER_SYNC, Timeline
 from shared.logs import configure_logging
 from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.topology import Topology
 from worker import dead_letters
-from worker.dead_letters import DeadLetter
-from worker.deadletter import H_REPLAYED
-from worker.repository import init_connection, newest_field_stamp, record_audit
+from worker.dead_letters import DeadLetter, LetterFilter, fresh_stamp_clock
+from worker.repository import init_connection
+
+__all__ = ["DeadLetterSession", "fresh_stamp_clock", "main"]
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 1
 
 
 class DeadLetterSession:
     """One command's view of the dead letters: connect to PostgreSQL and RabbitMQ, move whatever waits in the
-    dead-letter queue into the table (``worker.dead_letters``), read, replay and delete there, close."""
+    dead-letter queue into the table (``worker.dead_letters``), then select, replay and drop there, close."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -88,64 +91,24 @@ class DeadLetterSession:
         if self.conn is not None:
             await self.conn.close()
 
-    async def fetch_all(self) -> list[DeadLetter]:
-        """Every dead letter, oldest first, after moving the queue's into the table."""
+    async def select(self, letter_filter: LetterFilter, limit: int | None = None) -> list[DeadLetter]:
+        """The matching dead letters, oldest first, after moving the queue's into the table."""
         assert self.channel is not None and self.conn is not None
         await dead_letters.move_from_queue(self.channel, self.conn, self.topology)
-        return await dead_letters.stored(self.conn, self.topology)
+        return await dead_letters.stored(self.conn, self.topology, letter_filter, limit=limit)
 
-    async def republish(self, letter: DeadLetter, force: bool, clock: HybridClock) -> str:
-        """Put one dead letter back on its shard (confirmed), then delete it."""
-        assert self.channel is not None and self.conn is not None and letter.envelopes
-        envelopes = [dict(envelope, replayed=True) for envelope in letter.envelopes]
-        if force:
-            for envelope in envelopes:
-                envelope["stamp"] = clock.now()
-        # Routed again by userId with today's SHARD_COUNT: the recorded key may name a shard that is gone.
-        routing_key = self.topology.routing_key_for(str(letter.envelopes[0].get("user_id")))
-        exchange = await self.topology.declare_exchange(self.channel)
-        await exchange.publish(
-            aio_pika.Message(
-                orjson.dumps({"v": 1, "requests": envelopes}),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=letter.request_id,
-                headers={H_REPLAYED: True, "x-replayed-at": dt.datetime.now(dt.UTC).isoformat()},
-            ),
-            routing_key=routing_key,
-        )
-        await dead_letters.forget(self.conn, [letter])
-        return routing_key
-
-    async def drop(self, letter: DeadLetter) -> None:
+    async def total(self) -> int:
         assert self.conn is not None
-        await dead_letters.forget(self.conn, [letter])
-
-    async def record_audit(self, actor: str, action: str, filters: dict[str, Any], request_ids: Sequence[str],
-                           outcome: str) -> None:
-        assert self.conn is not None
-        await record_audit(self.conn, actor, action, filters, request_ids, outcome)
-
-    async def fresh_stamp_clock(self) -> HybridClock:
-        assert self.conn is not None
-        return await fresh_stamp_clock(self.settings, self.conn)
+        return await dead_letters.count(self.conn, self.topology)
 
 
-async def fresh_stamp_clock(settings: Settings, conn: asyncpg.Connection) -> HybridClock:
-    """A clock on the shared timeline (the database's clock, like every gateway's) for ``--force``.
-
-    It also observes the newest field stamp stored, so a forced replay wins even over a write stamped by a
-    gateway that was running ahead of the timeline (one that never reached the database, see docs/architecture.md).
-    """
-    timeline = Timeline.from_settings(settings)
-    try:
-        with starting("PostgreSQL", settings.database_url):
-            await asyncio.wait_for(timeline.sync(SAMPLES_PER_SYNC), timeout=CONNECT_TIMEOUT)
-    finally:
-        await timeline.stop()
-    clock = timeline.clock
-    clock.observe(await newest_field_stamp(conn))
-    return clock
+def letter_filter(args: argparse.Namespace) -> LetterFilter:
+    """The dead letters the options select (``--all``, or none of the others: every one)."""
+    if getattr(args, "all", False):
+        return LetterFilter()
+    return LetterFilter(user_id=args.user_id, request_id=getattr(args, "request_id", None), reason=args.reason,
+                        since=getattr(args, "since", None), until=getattr(args, "until", None),
+                        q=getattr(args, "q", None))
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,12 +118,11 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     async with DeadLetterSession(settings) as session:
-        letters = [letter for letter in await session.fetch_all() if letter.matches(args)]
-    if args.limit is not None:
-        letters = letters[: args.limit]
+        letters = await session.select(letter_filter(args), limit=args.limit)
     for letter in letters:
         item = letter.summary(args.show_pii)
         if args.json:
+            item.pop("id")
             print(orjson.dumps(item).decode())
         else:
             print(f"{item['deadAt'] or '-':32} {item['requestId'] or '-':32} user={item['userId'] or '-'} "
@@ -171,55 +133,52 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    done: list[str] = []
-    skipped = failed = 0
     async with DeadLetterSession(settings) as session:
+        assert session.channel is not None and session.conn is not None
         clock = HybridClock()
         if args.force and not args.dry_run:
-            clock = await session.fresh_stamp_clock()
-        letters = await session.fetch_all()
-        chosen = [letter for letter in letters if args.all or letter.matches(args)]
-        for letter in chosen:
-            if not letter.envelopes:
-                print(f"skip  {letter.request_id or '-'}: not a request envelope (use drop)")
-                skipped += 1
-                continue
-            if args.dry_run:
+            clock = await fresh_stamp_clock(settings, session.conn)
+        chosen = await session.select(letter_filter(args))
+        report = await dead_letters.replay(
+            session.channel, session.conn, session.topology, chosen, force=args.force, clock=clock,
+            actor=args.actor, filters=_filters(args), dry_run=args.dry_run)
+        for result in report.results:
+            letter = result.letter
+            if result.action == "skipped":
+                print(f"skip  {letter.request_id or '-'}: {result.detail}")
+            elif result.action == "would replay":
                 print(f"would replay {letter.request_id} user={letter.user_id}"
                       f"{' with a fresh stamp' if args.force else ''}")
-                continue
-            try:
-                routing_key = await session.republish(letter, args.force, clock)
-            except (aio_pika.exceptions.PublishError, aio_pika.exceptions.DeliveryError) as exc:
-                print(f"error: {letter.request_id} not replayed ({exc}); it stays in the dead-letter queue",
-                      file=sys.stderr)
-                failed += 1
-                continue
-            done.extend(letter.request_ids)
-            print(f"replayed {letter.request_id} user={letter.user_id} -> {routing_key}")
-        kept = len(letters) - len(done)
-        verb = "would replay" if args.dry_run else "replayed"
-        count = len(chosen) - skipped if args.dry_run else len(done)
-        print(f"{verb} {count}, skipped {skipped}, left in the dead-letter queue {kept}")
-        if not args.dry_run and (done or chosen):
-            await session.record_audit(args.actor, "replay", _filters(args), done,
-                                       f"replayed {len(done)}, skipped {skipped}, failed {failed}")
-    return EXIT_UNREACHABLE if failed else EXIT_OK
+            elif result.action == "failed":
+                print(f"error: {letter.request_id} not replayed ({result.detail}); it stays in the dead-letter "
+                      "queue", file=sys.stderr)
+            else:
+                print(f"replayed {letter.request_id} user={letter.user_id} -> {result.detail}")
+        kept = await session.total()
+        verb, count = ("would replay", report.count("would replay")) if args.dry_run else (
+            "replayed", report.count("replayed"))
+        print(f"{verb} {count}, skipped {report.count('skipped')}, left in the dead-letter queue {kept}")
+    return EXIT_UNREACHABLE if report.count("failed") else EXIT_OK
 
 
 async def cmd_drop(settings: Settings, args: argparse.Namespace) -> int:
-    dropped: list[str] = []
     async with DeadLetterSession(settings) as session:
-        letters = await session.fetch_all()
-        for letter in letters:
-            if args.all or letter.matches(args):
-                await session.drop(letter)
-                dropped.append(letter.request_id or "-")
-                print(f"dropped {letter.request_id or '-'} user={letter.user_id or '-'}")
-        print(f"dropped {len(dropped)}, left in the dead-letter queue {len(letters) - len(dropped)}")
-        if dropped:
-            await session.record_audit(args.actor, "drop", _filters(args), dropped, f"dropped {len(dropped)}")
+        assert session.conn is not None
+        chosen = await session.select(letter_filter(args))
+        report = await dead_letters.drop(session.conn, chosen, actor=args.actor, filters=_filters(args))
+        for result in report.results:
+            print(f"dropped {result.letter.request_id or '-'} user={result.letter.user_id or '-'}")
+        print(f"dropped {len(report.results)}, left in the dead-letter queue {await session.total()}")
     return EXIT_OK
+
+
+def timestamp(text: str) -> dt.datetime:
+    """An ISO 8601 date or time; one without a zone is UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.add_argument("--user-id", help="only this userId")
     listing.add_argument("--reason", help="only those whose error contains TEXT (case-insensitive)")
+    listing.add_argument("--since", type=timestamp, help="only those dead at or after this ISO time (UTC if no zone)")
+    listing.add_argument("--until", type=timestamp, help="only those dead at or before this ISO time")
+    listing.add_argument("--q", metavar="VALUE", help="only those with a field whose whole value is VALUE")
     listing.add_argument("--limit", type=int, help="at most N dead letters")
     listing.add_argument("--show-pii", action="store_true", help="show phones, WeChat ids and names unmasked")
 

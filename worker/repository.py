@@ -341,34 +341,137 @@ async def delete_expired_processed(conn: asyncpg.Connection, retention: dt.timed
     return total
 
 
-# ---- dead letters (worker/dead_letters.py, the replay tool) ------------------------------------------------
+# ---- dead letters (worker/dead_letters.py: the replay tool and the console) ---------------------------------
 
+# user_ids, request_ids and field_values are what the filters search (GIN indexes, migration 0007); they are
+# derived from the letter when it is moved in (DeadLetter.search_columns).
 INSERT_DEAD_LETTER = """
-INSERT INTO dead_letters (queue, fingerprint, request_id, user_id, reason, headers, body)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+INSERT INTO dead_letters (queue, fingerprint, request_id, user_id, reason, headers, body, dead_at, user_ids,
+                          request_ids, field_values)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)
 ON CONFLICT (queue, fingerprint) DO NOTHING
 """
 
-SELECT_DEAD_LETTERS = "SELECT id, headers, body FROM dead_letters WHERE queue = $1 ORDER BY id"
+DEAD_LETTER_COLUMNS = "id, headers, body, dead_at, moved_at"
 
 DELETE_DEAD_LETTERS = "DELETE FROM dead_letters WHERE id = ANY($1::bigint[])"
+
+
+@dataclass(frozen=True)
+class LetterFilter:
+    """Which dead letters: every condition given must hold (none given: all of them). The replay tool's options
+    and the console's query parameters both become one of these, so both select with the same SQL."""
+
+    user_id: str | None = None      # one of the letter's userIds (a pack has several)
+    request_id: str | None = None   # one of its request ids
+    reason: str | None = None       # a substring of the error or the exception's name, any case
+    since: dt.datetime | None = None  # dead at or after
+    until: dt.datetime | None = None  # dead at or before
+    q: str | None = None            # the whole value of any field of its requests (a phone, a community)
+
+    def where(self, queue: str) -> tuple[str, list[Any]]:
+        """The WHERE clause (without the keyword) and its parameters, ``$1`` being ``queue``."""
+        conditions, params = ["queue = $1"], [queue]
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if self.user_id is not None:
+            conditions.append(f"user_ids @> ARRAY[{param(self.user_id)}::text]")
+        if self.request_id is not None:
+            conditions.append(f"request_ids @> ARRAY[{param(self.request_id)}::text]")
+        if self.reason is not None:
+            # strpos, not LIKE: the operator's text has no wildcards to escape.
+            haystack = "lower(reason || ' ' || coalesce(headers ->> 'x-exception', ''))"
+            conditions.append(f"strpos({haystack}, lower({param(self.reason)})) > 0")
+        if self.since is not None:
+            conditions.append(f"dead_at >= {param(self.since)}")
+        if self.until is not None:
+            conditions.append(f"dead_at <= {param(self.until)}")
+        if self.q is not None:
+            conditions.append(f"field_values @> ARRAY[{param(self.q)}::text]")
+        return " AND ".join(conditions), params
+
+    def given(self) -> dict[str, str]:
+        """The conditions given, as text (what the audit records and the console's links carry)."""
+        values = {"userId": self.user_id, "requestId": self.request_id, "reason": self.reason,
+                  "since": self.since.isoformat() if self.since else None,
+                  "until": self.until.isoformat() if self.until else None, "q": self.q}
+        return {key: value for key, value in values.items() if value is not None}
 
 
 # These run on connections set up by ``init_connection`` (jsonb as Python values).
 
 
 async def insert_dead_letter(conn: asyncpg.Connection, *, queue: str, fingerprint: str, request_id: str | None,
-                             user_id: str | None, reason: str, headers: dict[str, Any], body: bytes) -> None:
-    await conn.execute(INSERT_DEAD_LETTER, queue, fingerprint, request_id, user_id, reason, headers, body)
+                             user_id: str | None, reason: str, headers: dict[str, Any], body: bytes,
+                             dead_at: dt.datetime, user_ids: Sequence[str], request_ids: Sequence[str],
+                             field_values: Sequence[str]) -> None:
+    await conn.execute(INSERT_DEAD_LETTER, queue, fingerprint, request_id, user_id, reason, headers, body, dead_at,
+                       list(user_ids), list(request_ids), list(field_values))
 
 
-async def select_dead_letters(conn: asyncpg.Connection, queue: str) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(SELECT_DEAD_LETTERS, queue)
+async def select_dead_letters(conn: asyncpg.Connection, queue: str, letter_filter: LetterFilter | None = None, *,
+                              newest_first: bool = False, limit: int | None = None, offset: int = 0,
+                              ) -> list[asyncpg.Record]:
+    """The dead letters of ``queue`` that match, in the order they were moved in (or newest first)."""
+    where, params = (letter_filter or LetterFilter()).where(queue)
+    order = "id DESC" if newest_first else "id"
+    params += [limit, offset]
+    query = (f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE {where} ORDER BY {order} "
+             f"LIMIT ${len(params) - 1} OFFSET ${len(params)}")
+    rows: list[asyncpg.Record] = await conn.fetch(query, *params)
     return rows
+
+
+async def count_dead_letters(conn: asyncpg.Connection, queue: str, letter_filter: LetterFilter | None = None) -> int:
+    where, params = (letter_filter or LetterFilter()).where(queue)
+    return int(await conn.fetchval(f"SELECT count(*) FROM dead_letters WHERE {where}", *params))
+
+
+async def select_dead_letter(conn: asyncpg.Connection, queue: str, row_id: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE queue = $1 AND id = $2", queue, row_id)
+    return row
 
 
 async def delete_dead_letters(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
     await conn.execute(DELETE_DEAD_LETTERS, list(ids))
+
+
+async def select_customer_states(conn: asyncpg.Connection, user_ids: Sequence[str]) -> dict[str, CustomerState]:
+    """The stored customers of ``user_ids`` with their field stamps: what a replay would merge into (dry run)."""
+    rows = await conn.fetch(SELECT_CUSTOMERS_AND_PHONE_OWNERS, list(user_ids), [])
+    return {row["user_id"]: _state_from_row(row) for row in rows}
+
+
+# Where a request stands, read as the gateway's GET /api/external/requests/{id} reads it: applied (its outcome)
+# before failed, and neither = pending (replayed, not applied yet).
+SELECT_REQUEST_STATUSES = """
+SELECT r.request_id, p.outcome, p.superseded_fields, f.error
+FROM unnest($1::text[]) AS r (request_id)
+LEFT JOIN processed_requests AS p ON p.request_id = r.request_id
+LEFT JOIN failed_requests AS f ON f.request_id = r.request_id
+"""
+
+
+@dataclass(frozen=True)
+class RequestStatus:
+    request_id: str
+    status: str                     # an outcome (created, updated, superseded ...), "failed" or "pending"
+    error: str | None = None
+    superseded: list[str] | None = None
+
+
+async def select_request_statuses(conn: asyncpg.Connection, request_ids: Sequence[str]) -> dict[str, RequestStatus]:
+    statuses = {}
+    for row in await conn.fetch(SELECT_REQUEST_STATUSES, list(request_ids)):
+        status = row["outcome"] or ("failed" if row["error"] is not None else "pending")
+        statuses[row["request_id"]] = RequestStatus(row["request_id"], status,
+                                                    row["error"] if row["outcome"] is None else None,
+                                                    row["superseded_fields"])
+    return statuses
 
 
 # The newest write stamp stored: the timeline's high-water mark (raised by every batch, seeded by migration 0005
@@ -377,10 +480,16 @@ NEWEST_FIELD_STAMP = "SELECT max(stamp) FROM clock_high_water"
 
 INSERT_AUDIT = """
 INSERT INTO dead_letter_audit (actor, action, filters, request_ids, outcome) VALUES ($1, $2, $3::jsonb, $4, $5)
+RETURNING id
 """
 
 # Back on a shard: "pending" again until a worker applies it.
 FORGET_FAILURES = "DELETE FROM failed_requests WHERE request_id = ANY($1::text[])"
+
+SELECT_AUDIT = """
+SELECT id, at, actor, action, filters, request_ids, outcome FROM dead_letter_audit
+WHERE ($1::bigint IS NULL OR id = $1) ORDER BY id DESC LIMIT $2 OFFSET $3
+"""
 
 
 async def newest_field_stamp(conn: asyncpg.Connection) -> int:
@@ -388,9 +497,22 @@ async def newest_field_stamp(conn: asyncpg.Connection) -> int:
 
 
 async def record_audit(conn: asyncpg.Connection, actor: str, action: str, filters: dict[str, Any],
-                       request_ids: Sequence[str], outcome: str) -> None:
-    """One audit row for a replay or drop; a replay also forgets the requests' recorded failures."""
+                       request_ids: Sequence[str], outcome: str) -> int:
+    """One audit row for a replay, drop or reveal (its id); a replay also forgets the requests' recorded
+    failures."""
     async with conn.transaction():
-        await conn.execute(INSERT_AUDIT, actor, action, filters, list(request_ids), outcome)
+        audit_id = int(await conn.fetchval(INSERT_AUDIT, actor, action, filters, list(request_ids), outcome))
         if action == "replay":
             await conn.execute(FORGET_FAILURES, list(request_ids))
+    return audit_id
+
+
+async def select_audit(conn: asyncpg.Connection, *, audit_id: int | None = None, limit: int = 50,
+                       offset: int = 0) -> list[asyncpg.Record]:
+    """Audit rows, newest first (or the one with ``audit_id``)."""
+    rows: list[asyncpg.Record] = await conn.fetch(SELECT_AUDIT, audit_id, limit, offset)
+    return rows
+
+
+async def count_audit(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM dead_letter_audit"))
