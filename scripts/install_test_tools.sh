@@ -3,12 +3,16 @@
 #   faketime        libfaketime: runs a gateway with its wall clock shifted (tests/test_causal_order.py)
 #   promtool        checks the Prometheus alert rules (Debian package prometheus)
 #   docker-compose  `docker-compose config` validates docker-compose.yml without a Docker engine
+#   chromium        Debian's browser, driven by Playwright in tests/test_console.py (no browser is downloaded)
+#   fonts-wqy-microhei  a CJK font, so the console's Chinese text renders (and its screenshots show it)
 # Elsewhere the tests that need them skip, saying which tool is missing.
 set -uo pipefail
 missing=()
 command -v faketime >/dev/null || missing+=(faketime)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v chromium >/dev/null || missing+=(chromium)
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || missing+=(fonts-wqy-microhei)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

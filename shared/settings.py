@@ -148,6 +148,12 @@ class Settings(BaseSettings):
             raise ValueError("set API_KEYS_FILE or API_KEYS, not both")
         return self
 
+    @field_validator("console_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        # CONSOLE_SECRET= (compose passes an unset variable as empty): no secret, never an empty signing key.
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _one_source_of_console_keys(self) -> Settings:
         if self.console_keys_file.strip() and self.console_keys.strip():
