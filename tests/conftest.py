@@ -1,9 +1,12 @@
-"""Fixtures: one isolated database and vhost per test run, and a running gateway + worker against them."""
+"""Fixtures only: one isolated database and vhost per test run, and a running gateway + worker against them.
+
+Helpers (HTTP, database, assertions, waiting) are in ``tests/helpers.py``; import them from there.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,43 +16,43 @@ import asyncpg
 import pytest
 
 import tests.hypothesis_profiles  # noqa: F401 - registers the profiles before --hypothesis-profile loads one
-from bench.stack import rabbitmqctl, with_database, with_vhost
-from shared.migrate import migrate
+from bench.stack import rabbitmqctl, with_vhost
+
+# Re-exported for the test files that still import them from here (being written elsewhere); no fixture uses them.
+from tests.helpers import fetch_customer as fetch_customer
+from tests.helpers import post as post
 from tests.poison import FAST_RETRIES, PoisonTrigger
 from tests.support import (
     ADMIN_AMQP_URL,
-    ADMIN_DATABASE_URL,
     RUN_ID,
     Gateway,
     Stack,
+    create_database,
+    drop_database,
     have_rabbitmqctl,
 )
 
 TEST_DATABASE = f"crm_test_{RUN_ID}"
 TEST_VHOST = f"crm_test_{RUN_ID}"
+_empty_databases = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:
     """A database of its own for this run, migrated, dropped at the end."""
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    await admin.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
-    await admin.close()
-    url = with_database(ADMIN_DATABASE_URL, TEST_DATABASE)
-    await migrate(url)
-    yield url
-    admin = await _connect_with_retry(ADMIN_DATABASE_URL)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
-    await admin.close()
+    yield await create_database(TEST_DATABASE)
+    await drop_database(TEST_DATABASE)
 
 
-async def _connect_with_retry(url: str, attempts: int = 60) -> asyncpg.Connection:
-    for _ in range(attempts - 1):
-        try:
-            return await asyncpg.connect(url)
-        except (OSError, asyncpg.PostgresError):
-            await asyncio.sleep(1)
-    return await asyncpg.connect(url)
+@pytest.fixture
+async def empty_database() -> AsyncIterator[str]:
+    """A database of the test's own with nothing in it (not migrated), dropped afterwards even when the test fails."""
+    name = f"crm_empty_{RUN_ID}_{next(_empty_databases)}"
+    url = await create_database(name, migrated=False)
+    try:
+        yield url
+    finally:
+        await drop_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +80,7 @@ def stack(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="session")
 def gateway(stack: Stack) -> Gateway:
-    return next(p for p in stack.procs if isinstance(p, Gateway))
+    return stack.gateway()
 
 
 @pytest.fixture(scope="session")
@@ -115,24 +118,6 @@ def make_stack(
     yield build
     for stack in stacks:
         stack.stop()
-
-
-async def post(
-    http: aiohttp.ClientSession, url: str, body: Any = None, *, raw: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """POST JSON (or raw bytes) and return (status, decoded JSON body)."""
-    if raw is not None:
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        async with http.post(url, data=raw, headers=hdrs) as response:
-            return response.status, await response.json(content_type=None)
-    async with http.post(url, json=body, headers=headers) as response:
-        return response.status, await response.json(content_type=None)
-
-
-async def fetch_customer(db: asyncpg.Pool, user_id: str) -> dict[str, Any] | None:
-    row = await db.fetchrow("SELECT * FROM customers WHERE user_id = $1", user_id)
-    return dict(row) if row is not None else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,8 +8,9 @@ import glob
 import os
 import socket
 import subprocess
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+
+from tests.helpers import eventually_blocking
 
 
 def _port_open(port: int) -> bool:
@@ -25,19 +26,22 @@ def rabbit_stop_app() -> None:
 def rabbit_start_app() -> None:
     subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=180)
     subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=180)
-    deadline = time.monotonic() + 60
-    while not _port_open(5672) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually_blocking(lambda: _port_open(5672), within=60, interval=0.2, what="RabbitMQ listening on 5672")
 
 
 @contextlib.asynccontextmanager
-async def rabbit_down() -> AsyncIterator[None]:
-    """RabbitMQ's app stopped inside the block (the Erlang node stays up); restarted on the way out."""
-    await asyncio.to_thread(rabbit_stop_app)
+async def _stopped(stop: Callable[[], None], start: Callable[[], None]) -> AsyncIterator[None]:
+    """``stop()`` before the block, ``start()`` after it, whatever happened inside (each in a thread)."""
+    await asyncio.to_thread(stop)
     try:
         yield
     finally:
-        await asyncio.to_thread(rabbit_start_app)
+        await asyncio.to_thread(start)
+
+
+def rabbit_down() -> contextlib.AbstractAsyncContextManager[None]:
+    """RabbitMQ's app stopped inside the block (the Erlang node stays up); restarted on the way out."""
+    return _stopped(rabbit_stop_app, rabbit_start_app)
 
 
 def _pg_version() -> str:
@@ -57,19 +61,14 @@ def postgres_start() -> None:
         ["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "start"],
         check=False, capture_output=True, timeout=120,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True, check=False)
-        if ready.returncode == 0:
-            return
-        time.sleep(0.3)
+
+    def ready() -> bool:
+        answer = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True, check=False)
+        return answer.returncode == 0
+
+    eventually_blocking(ready, within=60, interval=0.3, what="PostgreSQL ready (pg_isready)")
 
 
-@contextlib.asynccontextmanager
-async def postgres_down() -> AsyncIterator[None]:
+def postgres_down() -> contextlib.AbstractAsyncContextManager[None]:
     """PostgreSQL stopped inside the block; started again on the way out, whatever happened."""
-    await asyncio.to_thread(postgres_stop)
-    try:
-        yield
-    finally:
-        await asyncio.to_thread(postgres_start)
+    return _stopped(postgres_stop, postgres_start)

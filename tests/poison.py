@@ -16,6 +16,9 @@ FAST_RETRIES: dict[str, Any] = {"MAX_ATTEMPTS": MAX_ATTEMPTS, "RETRY_BASE_DELAY"
 class PoisonTrigger:
     """``BEFORE INSERT OR UPDATE`` trigger on customers raising for userIds that start with ``marker``."""
 
+    # The statement raising for a refused row (subclasses may quote more of the row, as database errors do).
+    RAISE = "RAISE EXCEPTION 'test trigger refuses %', NEW.user_id;"
+
     def __init__(self, db: asyncpg.Pool) -> None:
         self.db = db
         self.marker = f"poison{uuid.uuid4().hex[:12]}"
@@ -30,7 +33,7 @@ class PoisonTrigger:
             CREATE FUNCTION {self.marker}() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 IF NEW.user_id LIKE '{self.marker}%' THEN
-                    RAISE EXCEPTION 'test trigger refuses %', NEW.user_id;
+                    {self.RAISE}
                 END IF;
                 RETURN NEW;
             END $$;

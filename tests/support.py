@@ -19,13 +19,17 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Shared with the benchmark, which manages the same kind of isolated database and vhost.
 import aio_pika
+import asyncpg
 
-from bench.stack import free_port
+# Shared with the benchmark, which manages the same kind of isolated database and vhost.
+from bench.stack import free_port, with_database
+from shared.migrate import migrate
+from tests.helpers import eventually, eventually_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -51,16 +55,51 @@ def have_rabbitmqctl() -> bool:
     return shutil.which("rabbitmqctl") is not None
 
 
-class Proc:
-    """One of our processes (``python -m gateway`` / ``python -m worker``) with its log file."""
+async def _admin() -> asyncpg.Connection:
+    """A connection to the server's admin database, retried while PostgreSQL (re)starts (fault tests restart it)."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
-        self.module = module
+    async def connected() -> asyncpg.Connection | None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            return await asyncpg.connect(ADMIN_DATABASE_URL)
+        return None
+
+    return await eventually(connected, within=60, interval=1, what="PostgreSQL accepting connections")
+
+
+async def create_database(name: str, *, migrated: bool = True) -> str:
+    """A new database on the test server (migrated unless told otherwise); returns its URL."""
+    admin = await _admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(ADMIN_DATABASE_URL, name)
+    if migrated:
+        await migrate(url)
+    return url
+
+
+async def drop_database(name: str) -> None:
+    """Drop the database, whoever is still connected to it."""
+    admin = await _admin()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+class Process:
+    """A subprocess of a test whose output goes to a log file; waits on it fail at once if it exits."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path, *, new_session: bool = False
+    ) -> None:
+        self.name = name
         self.env = env
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            argv, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=new_session
         )
 
     @property
@@ -69,6 +108,45 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until(self, check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        """Until ``check()`` holds; fails at once if the process exits, and names the process and its output."""
+
+        def holds() -> bool:
+            if check():
+                return True
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before {what}")
+            return False
+
+        try:
+            eventually_blocking(holds, within=timeout, what=f"{self.name} {what}")
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{self.output()}") from None
+
+    def wait_logged(self, text: str, timeout: float = 30, count: int = 1) -> None:
+        """Until ``text`` is in the output (``count`` times)."""
+        self.wait_until(lambda: self.output().count(text) >= count, f"logging {text!r}", timeout)
+
+    async def logged(self, text: str, within: float = 30) -> None:
+        """``wait_logged`` for async tests: the event loop keeps running meanwhile."""
+
+        async def found() -> bool:
+            return text in self.output()
+
+        await eventually(found, within=within, what=f"{self.name} logging {text!r}")
+
+
+class Proc(Process):
+    """One of our processes (``python -m gateway`` / ``python -m worker``) with its log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        super().__init__(module, [sys.executable, "-m", module], env, log_path)
 
     def kill(self) -> None:
         """kill -9: no chance to ack, reply or clean up."""
@@ -89,10 +167,6 @@ class Proc:
             self.kill()
         self.log.close()
 
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
 
 class Gateway(Proc):
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
@@ -102,18 +176,13 @@ class Gateway(Proc):
 
     def wait_healthy(self, timeout: float = 30) -> None:
         """Until GET /readyz answers 200 (the gateway can accept writes)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"gateway exited:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway not healthy after {timeout}s:\n{self.output()}")
+
+        def ready() -> bool:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                return bool(response.status == 200)
+            return False
+
+        self.wait_until(ready, "ready (GET /readyz 200)", timeout)
 
 
 class Worker(Proc):
@@ -122,14 +191,7 @@ class Worker(Proc):
         super().__init__("worker", env, log_path)
 
     def wait_consuming(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"worker exited:\n{self.output()}")
-            if "consuming" in self.output():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not consuming after {timeout}s:\n{self.output()}")
+        self.wait_logged("consuming", timeout)
 
 
 class Stack:
@@ -176,6 +238,13 @@ class Stack:
         if wait:
             gateway.wait_healthy()
         return gateway
+
+    def gateway(self) -> Gateway:
+        """The first gateway started."""
+        return next(proc for proc in self.procs if isinstance(proc, Gateway))
+
+    def workers(self) -> list[Worker]:
+        return [proc for proc in self.procs if isinstance(proc, Worker)]
 
     def stop(self) -> None:
         """Stop every process, then remove the stack's queues and exchanges."""

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from tests.conftest import post
+from tests.helpers import eventually, post
 from tests.support import unique_phone, unique_user
 
 CLIENTS = 250
@@ -73,13 +73,11 @@ async def test_burst_of_3000_requests_over_100_connections_all_answered_and_stor
             assert len({body["data"]["id"] for _, body in replies}) == 1, (user, replies)
 
     # Every user stored once, with its last values (poll briefly in case some answers were 202).
-    deadline = time.monotonic() + 20
-    while True:
-        stored = await rows_with_last_values(db, users)
-        if stored >= CLIENTS or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert stored == CLIENTS
+    async def all_stored() -> bool:
+        return await rows_with_last_values(db, users) >= CLIENTS
+
+    await eventually(all_stored, within=20, interval=0.2, what=f"{CLIENTS} rows with their last values")
+    assert await rows_with_last_values(db, users) == CLIENTS
     assert await db.fetchval("SELECT count(*) FROM customers WHERE user_id = ANY($1::text[])", users) == CLIENTS
     assert elapsed < TIME_BUDGET, f"{total} requests took {elapsed:.1f}s"
     print(f"\nburst: {total} requests over {CONNECTIONS} connections in {elapsed:.1f}s "
@@ -101,12 +99,11 @@ async def test_burst_of_concurrent_creates_gives_distinct_ids(api: str, db: asyn
     ids = {body["data"]["id"] for body in created}
     assert len(ids) == len(created)
 
-    deadline = time.monotonic() + 20
-    while True:
+    async def all_stored() -> list[asyncpg.Record] | None:
         rows = await db.fetch("SELECT id, user_id FROM customers WHERE user_id = ANY($1::text[])", users)
-        if len(rows) >= len(users) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+        return rows if len(rows) >= len(users) else None
+
+    rows = await eventually(all_stored, within=20, interval=0.2, what=f"{len(users)} rows")
     assert sorted(row["user_id"] for row in rows) == sorted(users)
     assert len({row["id"] for row in rows}) == len(users)
     assert ids <= {row["id"] for row in rows}

@@ -18,9 +18,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import fetch_customer, post
 from tests.faults import postgres_down
-from tests.support import Proc, Stack, unique_user
+from tests.helpers import fetch_customer, post, processed_outcomes
+from tests.support import Stack, unique_user
 
 # libfaketime, preloaded into the gateway process itself (not through the `faketime` wrapper, which forks: a
 # SIGTERM to the wrapper would leave the gateway running).
@@ -37,14 +37,6 @@ def shifted(seconds: float) -> dict[str, Any]:
         return {}
     assert LIBFAKETIME is not None
     return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"{seconds:+}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-
-
-def wait_for_log(proc: Proc, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in proc.output():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{text!r} not logged after {timeout}s:\n{proc.output()}")
-        time.sleep(0.1)
 
 
 async def alternate_updates(urls: list[str], users: list[str], steps: int) -> dict[str, list[tuple[int, Any]]]:
@@ -103,8 +95,8 @@ async def test_a_later_write_wins_across_gateways_whose_clocks_are_skewed(
 async def test_a_gateway_whose_wall_clock_is_off_logs_it(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
     gateway = stack.start_gateway(**shifted(-0.5))
-    wait_for_log(gateway, "clock synchronised with the database")
-    wait_for_log(gateway, "local wall clock is -50")  # "-500.x ms off the database clock"
+    await gateway.logged("clock synchronised with the database")
+    await gateway.logged("local wall clock is -50")  # "-500.x ms off the database clock"
     assert "off the database clock" in gateway.output()
 
 
@@ -114,29 +106,35 @@ async def test_without_the_database_at_start_a_gateway_stamps_with_its_wall_cloc
 ) -> None:
     stack = make_stack()
     worker = stack.start_worker()
-    wait_for_log(worker, "clock synchronised with the database")
+    await worker.logged("clock synchronised with the database")
     # This gateway cannot reach Postgres (nothing listens on port 1) and its wall clock is 2 s ahead.
     gateway = stack.start_gateway(**shifted(+2.0), DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere")
-    wait_for_log(gateway, "stamping with the local wall clock")
+    await gateway.logged("stamping with the local wall clock")
     user = unique_user("future")
     status, body = await post(http, f"{gateway.url}/api/external/customers", {"userId": user, "name": "x"})
     assert status == 201, body  # still accepted and applied: the queue does not need the gateway's database
-    wait_for_log(worker, "in the future")
+    await worker.logged("in the future")
     row = await fetch_customer(db, user)
     assert row is not None and row["name"] == "x"
 
 
-async def test_an_update_whose_fields_all_lost_to_newer_writes_answers_superseded(
-    api: str, http: aiohttp.ClientSession, db: asyncpg.Pool
-) -> None:
-    user = unique_user("sup")
+async def nickname_set_from_the_future(api: str, http: aiohttp.ClientSession, db: asyncpg.Pool, prefix: str) -> str:
+    """A new customer ``nickname: first, community: c1`` whose nickname a write stamped an hour from now has set
+    since (as a concurrent request from elsewhere could); returns its userId."""
+    user = unique_user(prefix)
     assert (await post(http, api, {"userId": user, "nickname": "first", "community": "c1"}))[0] == 201
-    # A write stamped an hour from now has set the nickname (as a concurrent request from elsewhere could).
     future = (time.time_ns() // 1000) + 3_600_000_000
     await db.execute(
         "UPDATE customers SET field_stamps = jsonb_set(field_stamps, '{nickname}', to_jsonb($2::bigint))"
         " WHERE user_id = $1", user, future,
     )
+    return user
+
+
+async def test_an_update_whose_fields_all_lost_to_newer_writes_answers_superseded(
+    api: str, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    user = await nickname_set_from_the_future(api, http, db, "sup")
     before = await fetch_customer(db, user)
     assert before is not None
 
@@ -153,13 +151,7 @@ async def test_an_update_whose_fields_all_lost_to_newer_writes_answers_supersede
 async def test_a_partly_superseded_update_is_updated_and_names_the_fields_that_lost(
     api: str, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
-    user = unique_user("part")
-    assert (await post(http, api, {"userId": user, "nickname": "first", "community": "c1"}))[0] == 201
-    future = (time.time_ns() // 1000) + 3_600_000_000
-    await db.execute(
-        "UPDATE customers SET field_stamps = jsonb_set(field_stamps, '{nickname}', to_jsonb($2::bigint))"
-        " WHERE user_id = $1", user, future,
-    )
+    user = await nickname_set_from_the_future(api, http, db, "part")
     status, body = await post(http, api, {"userId": user, "nickname": "stale", "community": "c2"})
     assert (status, body["data"]["action"], body["data"]["supersededFields"]) == (200, "updated", ["nickname"])
     row = await fetch_customer(db, user)
@@ -194,7 +186,7 @@ async def test_during_a_postgres_outage_skewed_gateways_keep_accepting_and_order
     gateway_a = stack.start_gateway()
     gateway_b = stack.start_gateway(**shifted(-0.5))
     for gateway in (gateway_a, gateway_b):
-        wait_for_log(gateway, "clock synchronised with the database")
+        await gateway.logged("clock synchronised with the database")
     users = [unique_user("outage") for _ in range(10)]
     steps = 6
 
@@ -204,12 +196,7 @@ async def test_during_a_postgres_outage_skewed_gateways_keep_accepting_and_order
             assert [status for status, _ in answers[user]] == [202] * steps, answers[user]
 
     request_ids = [body["data"]["requestId"] for user in users for _, body in answers[user]]
-    deadline = time.monotonic() + 90
-    while await db.fetchval(
-        "SELECT count(*) FROM processed_requests WHERE request_id = ANY($1::text[])", request_ids
-    ) < len(request_ids):
-        assert time.monotonic() < deadline, "not every accepted request was applied after the outage"
-        await asyncio.sleep(0.5)
+    await processed_outcomes(db, request_ids, within=90)  # every accepted request, after the outage
     for user in users:
         row = await fetch_customer(db, user)
         assert row is not None

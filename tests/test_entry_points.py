@@ -113,23 +113,6 @@ def env(database_url: str, amqp_url: str, prefix: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def empty_database() -> AsyncIterator[str]:
-    """A database with nothing in it (not migrated), dropped afterwards."""
-    name = f"crm_empty_{RUN_ID}_{next(_names)}"
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(ADMIN_DATABASE_URL, name)
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
 async def cleanup_prefix(amqp_url: str, prefix: str) -> AsyncIterator[None]:
     """Delete every exchange and queue this test's prefix may have declared (up to 8 shards)."""
     yield

@@ -9,7 +9,6 @@ through the multi-host URL, the standby's clock can be shifted).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import aio_pika
@@ -18,6 +17,7 @@ import pytest
 
 from tests.ha_postgres import PostgresPair
 from tests.ha_rabbit import RabbitCluster
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.fault
 
@@ -57,14 +57,11 @@ async def test_connections_are_counted_on_their_node(cluster: RabbitCluster) -> 
 
 
 async def get_one(queue: aio_pika.abc.AbstractQueue, within: float = 15) -> bytes:
-    deadline = time.monotonic() + within
-    while True:
-        message = await queue.get(no_ack=True, fail=False)
-        if message is not None:
-            return message.body
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no message in {queue.name} after {within}s")
-        await asyncio.sleep(0.2)
+    async def got() -> aio_pika.abc.AbstractIncomingMessage | None:
+        return await queue.get(no_ack=True, fail=False)
+
+    message = await eventually(got, within=within, interval=0.2, what=f"a message in {queue.name}")
+    return message.body
 
 
 async def test_a_quorum_queue_outlives_its_killed_leader_and_the_node_comes_back(cluster: RabbitCluster) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from typing import Any
 
 import aio_pika
 import aiohttp
@@ -23,7 +22,7 @@ from gateway.api.customers import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY
 from shared.clock.stamps import HybridClock
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.topology import Topology
-from tests.conftest import fetch_customer, post
+from tests.helpers import assert_error_shape, fetch_customer, post
 from tests.support import Stack, unique_phone, unique_user
 
 
@@ -117,12 +116,6 @@ async def test_same_key_with_an_updating_request_returns_updated_again(
     assert len(await rows_for_key(db, key)) == 1
 
 
-def assert_error_shape(body: dict[str, Any]) -> None:
-    assert body["success"] is False, body
-    assert isinstance(body["error"], str) and body["error"], body
-    assert isinstance(body["message"], str) and body["message"], body
-
-
 async def test_same_key_with_a_different_body_is_422_and_writes_nothing(
     http: aiohttp.ClientSession, api: str, db: asyncpg.Pool
 ) -> None:
@@ -137,10 +130,8 @@ async def test_same_key_with_a_different_body_is_422_and_writes_nothing(
         http, api, {"userId": other_user, "nickname": "a"}, headers={"Idempotency-Key": key}
     )
 
-    assert changed_status == 422, changed
-    assert_error_shape(changed)
-    assert other_status == 422, other
-    assert_error_shape(other)
+    assert_error_shape(changed, status=422, answered=changed_status)
+    assert_error_shape(other, status=422, answered=other_status)
     row = await fetch_customer(db, user)
     assert row is not None and row["nickname"] == "a"
     assert await customer_count(db, other_user) == 0

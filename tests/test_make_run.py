@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import aiohttp
 import pytest
 
 from bench.stack import free_port
-from tests.support import ROOT, Stack, unique_user
+from tests.helpers import eventually_blocking
+from tests.support import Process, Stack, unique_user
 
 PROCESSES = ("worker-1", "worker-2", "gateway")
 STARTED = re.compile(r"^run +\| started (\S+) \(pid (\d+)\)$", re.MULTILINE)
@@ -36,38 +36,23 @@ SUPERVISOR = re.compile(r"supervisor pid (\d+)")
 ALL_STOPPED_CLEANLY = "all 3 processes stopped cleanly"
 
 
-class MakeRun:
+class MakeRun(Process):
     """``make run`` in a process group of its own, its output in a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
         self.port = int(env["PORT"])
         self.metrics_port = int(env["METRICS_PORT"])
         venv = Path(sys.prefix)
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.make = subprocess.Popen(
-            ["make", "--no-print-directory", "-o", f"{venv}/bin/.installed", "run", f"VENV={venv}"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        argv = ["make", "--no-print-directory", "-o", f"{venv}/bin/.installed", "run", f"VENV={venv}"]
+        super().__init__("`make run`", argv, env, log_path, new_session=True)
 
     def lines(self, name: str) -> list[str]:
         """The lines a process wrote (without the ``name |`` prefix)."""
         return [line.split("| ", 1)[1] for line in self.output().splitlines() if line.startswith(f"{name} ")]
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while self.output().count(text) < count:
-            assert self.make.poll() is None, f"`make run` exited {self.make.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{self.output()}"
-            time.sleep(0.1)
-
     def wait_running(self) -> None:
-        self.wait_for("worker consuming", count=2)
-        self.wait_for("gateway listening")
+        self.wait_logged("worker consuming", timeout=90, count=2)
+        self.wait_logged("gateway listening", timeout=90)
 
     def supervisor_pid(self) -> int:
         match = SUPERVISOR.search(self.output())
@@ -78,16 +63,16 @@ class MakeRun:
         return {name: int(pid) for name, pid in STARTED.findall(self.output())}
 
     def wait_exit(self, timeout: float = 90) -> int:
-        return self.make.wait(timeout=timeout)
+        return self.popen.wait(timeout=timeout)
 
     def close(self) -> None:
         """Whatever a failed test left running: the supervisor stops its processes on SIGTERM."""
         with contextlib.suppress(ProcessLookupError, AssertionError):
             os.kill(self.supervisor_pid(), signal.SIGTERM)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.make.pid, signal.SIGTERM)
+            os.killpg(self.popen.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.make.wait(timeout=60)
+            self.popen.wait(timeout=60)
         for pid in self.pids().values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -117,10 +102,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"still running: {[pid for pid in pids if not gone(pid)]}"
-        time.sleep(0.1)
+    eventually_blocking(lambda: all(gone(pid) for pid in pids), within=timeout, what=f"processes {pids} gone")
 
 
 @pytest.fixture
@@ -166,7 +148,7 @@ async def test_make_run_serves_requests_and_one_sigterm_stops_every_process_clea
 
 
 def test_ctrl_c_stops_every_process_cleanly(make_run: MakeRun) -> None:
-    os.killpg(make_run.make.pid, signal.SIGINT)  # the terminal's Ctrl-C: make and the supervisor
+    os.killpg(make_run.popen.pid, signal.SIGINT)  # the terminal's Ctrl-C: make and the supervisor
 
     assert make_run.wait_exit() == -signal.SIGINT, make_run.output()  # make's own answer to a SIGINT
     assert_stopped_cleanly(make_run)
@@ -185,11 +167,8 @@ def test_a_process_that_dies_stops_the_others_and_fails_the_run(make_run: MakeRu
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_sigterm_to_make_itself_still_drains_every_process(make_run: MakeRun) -> None:
-    os.kill(make_run.make.pid, signal.SIGTERM)  # make dies at once and passes nothing on
+    os.kill(make_run.popen.pid, signal.SIGTERM)  # make dies at once and passes nothing on
 
     assert make_run.wait_exit() == -signal.SIGTERM
-    deadline = time.monotonic() + 60
-    while ALL_STOPPED_CLEANLY not in make_run.output():
-        assert time.monotonic() < deadline, make_run.output()
-        time.sleep(0.1)
+    eventually_blocking(lambda: ALL_STOPPED_CLEANLY in make_run.output(), within=60, what="the supervisor's drain")
     assert_stopped_cleanly(make_run)

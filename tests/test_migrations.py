@@ -9,15 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
-from bench.stack import with_database
 from shared.migrate import migrate, migration_files
-from tests.support import ADMIN_DATABASE_URL, ROOT
+from tests.support import ROOT
 
 # The columns of DEVELOPERS.md's customers table, plus field_stamps (per-field write stamps, see README).
 # A new column is a deliberate schema change: add it here in the same commit.
@@ -46,25 +42,6 @@ CUSTOMER_COLUMNS = {
     "updated_at": "timestamp with time zone",
 }
 CONCURRENT_MIGRATORS = 4
-
-
-@pytest.fixture
-async def empty_database() -> AsyncIterator[str]:
-    """The URL of a freshly created, empty database; dropped (with any open connections) afterwards."""
-    name = f"crm_migrations_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield with_database(ADMIN_DATABASE_URL, name)
-    finally:
-        admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def applied_versions(url: str) -> list[str]:

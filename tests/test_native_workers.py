@@ -14,39 +14,23 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 
-from tests.support import ROOT, Stack
+from tests.support import ROOT, Process, Stack
 
 METRICS_LINE = re.compile(r"metrics on http://[^:]+:(\d+)/metrics")
 
 
-class Terminal:
+class Terminal(Process):
     """``make run-worker`` in a process group of its own, as a shell would run it in a terminal."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
         venv = Path(sys.prefix)
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            ["make", "--no-print-directory", "-o", f"{venv}/bin/.installed", "run-worker", f"VENV={venv}"],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            assert self.popen.poll() is None, f"`make run-worker` exited {self.popen.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{self.output()}"
-            time.sleep(0.1)
+        argv = ["make", "--no-print-directory", "-o", f"{venv}/bin/.installed", "run-worker", f"VENV={venv}"]
+        super().__init__("`make run-worker`", argv, env, log_path, new_session=True)
 
     def metrics_port(self) -> int:
         match = METRICS_LINE.search(self.output())
@@ -74,7 +58,7 @@ def terminals(env: dict[str, str], log_dir: Path, count: int) -> Iterator[list[T
     try:
         for n in range(1, count + 1):
             opened.append(Terminal(env, log_dir / f"terminal-{n}.log"))
-            opened[-1].wait_for("worker consuming")  # one after the other, as a person would
+            opened[-1].wait_logged("worker consuming", timeout=60)  # one after the other, as a person would
         yield opened
     finally:
         for terminal in opened:

@@ -22,29 +22,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.request_ids import new_request_id, request_id_time_ms
-from tests.conftest import fetch_customer, post
+from tests.helpers import api_of, assert_error_shape, eventually, fetch_customer, post
 from tests.poison import FAST_RETRIES, PoisonTrigger
 from tests.spec_examples import scenario_1_body
-from tests.support import Gateway, Proc, Stack, Worker, unique_phone, unique_user
-from tests.test_poison_and_replay import (
-    api_of,
-    assert_error_shape,
-    replay_tool,
-    wait_until,
-)
+from tests.support import Gateway, Proc, Stack, unique_phone, unique_user
+from tests.test_poison_and_replay import replay_tool
 
 REQUEST_ID_HEADER = "X-Request-Id"
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def gateway_of(stack: Stack) -> Gateway:
-    return next(proc for proc in stack.procs if isinstance(proc, Gateway))
-
-
-def workers_of(stack: Stack) -> list[Worker]:
-    return [proc for proc in stack.procs if isinstance(proc, Worker)]
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
@@ -62,6 +49,21 @@ async def post_with_headers(
 
 def status_url(gateway: Gateway, request_id: str) -> str:
     return f"{gateway.url}/api/external/requests/{request_id}"
+
+
+async def assert_created_once_not(
+    http: aiohttp.ClientSession, gateway: Gateway, db: asyncpg.Pool, request_id: str, user: str, status: str
+) -> None:
+    """The request's status, once it is no longer ``status``, is ``created`` with the id of the customer's row."""
+
+    async def changed() -> dict[str, Any] | None:
+        _, answer = await get(http, status_url(gateway, request_id))
+        return answer["data"] if answer["data"]["status"] != status else None
+
+    data = await eventually(changed, within=30, what=f"request {request_id} no longer {status}")
+    row = await fetch_customer(db, user)
+    assert row is not None
+    assert data == {"requestId": request_id, "userId": user, "status": "created", "id": row["id"], "error": None}
 
 
 def is_canonical_v7(request_id: str | None) -> bool:
@@ -88,13 +90,12 @@ def json_lines(proc: Proc) -> list[dict[str, Any]]:
 async def wait_for_lines(
     proc: Proc, matches: Callable[[dict[str, Any]], bool], within: float = 10
 ) -> list[dict[str, Any]]:
-    """The process's log lines that ``matches`` accepts, once there is at least one (or [] after ``within``)."""
+    """The process's log lines that ``matches`` accepts, once there is at least one."""
 
     async def found() -> list[dict[str, Any]]:
         return [line for line in json_lines(proc) if matches(line)]
 
-    result: list[dict[str, Any]] = await wait_until(found, within=within)
-    return result
+    return await eventually(found, within=within, what=f"log lines of {proc.log_path.name} that match")
 
 
 def access_lines(proc: Proc) -> list[dict[str, Any]]:
@@ -189,8 +190,7 @@ async def test_read_back_after_a_partial_update_keeps_the_fields_not_sent(
 async def test_read_back_of_an_unknown_user_is_404_in_the_error_shape(api: str, http: aiohttp.ClientSession) -> None:
     status, body = await get(http, f"{api}/{unique_user('nobody')}")
 
-    assert status == 404, body
-    assert_error_shape(body)
+    assert_error_shape(body, status=404, answered=status)
 
 
 # ---- 2. request status: GET /api/external/requests/{requestId} -----------------------------------------
@@ -236,27 +236,18 @@ async def test_status_goes_from_pending_to_created_when_a_worker_comes_back(
 
     stack.start_worker()
 
-    async def applied() -> dict[str, Any] | None:
-        _, answer = await get(http, status_url(gateway, header_id))
-        return answer["data"] if answer["data"]["status"] != "pending" else None
-
-    data = await wait_until(applied, within=30)
-    assert data is not None, "still pending after a worker started"
-    row = await fetch_customer(db, user)
-    assert row is not None
-    assert data == {"requestId": header_id, "userId": user, "status": "created", "id": row["id"], "error": None}
+    await assert_created_once_not(http, gateway, db, header_id, user, "pending")
 
 
 async def test_dead_lettered_request_is_500_with_its_id_then_failed_then_created_after_replay(
     poison_stack: Stack, poison: PoisonTrigger, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
-    gateway = gateway_of(poison_stack)
+    gateway = poison_stack.gateway()
     user = poison.user()
 
     status, body, header_id = await post_with_headers(http, api_of(poison_stack), {"userId": user, "name": "毒"})
 
-    assert status == 500, body
-    assert_error_shape(body)
+    assert_error_shape(body, status=500, answered=status)
     assert is_canonical_v7(header_id), header_id
     assert body["requestId"] == header_id
     assert header_id is not None
@@ -270,15 +261,7 @@ async def test_dead_lettered_request_is_500_with_its_id_then_failed_then_created
     result = await replay_tool(poison_stack, "replay", "--request-id", header_id, "--actor", "observability-test")
     assert result.code == 0, result
 
-    async def applied() -> dict[str, Any] | None:
-        _, answer = await get(http, status_url(gateway, header_id))
-        return answer["data"] if answer["data"]["status"] != "failed" else None
-
-    data = await wait_until(applied, within=30)
-    assert data is not None, "still failed after a successful replay"
-    row = await fetch_customer(db, user)
-    assert row is not None
-    assert data == {"requestId": header_id, "userId": user, "status": "created", "id": row["id"], "error": None}
+    await assert_created_once_not(http, gateway, db, header_id, user, "failed")
 
 
 async def test_unknown_v7_id_inside_retention_is_pending(gateway: Gateway, http: aiohttp.ClientSession) -> None:
@@ -308,8 +291,7 @@ async def test_status_of_an_id_that_is_not_ours_is_404_in_the_error_shape(
 ) -> None:
     status, answer = await get(http, status_url(gateway, request_id))
 
-    assert status == 404, answer
-    assert_error_shape(answer)
+    assert_error_shape(answer, status=404, answered=status)
 
 
 async def test_status_of_an_uppercased_id_is_not_pending(
@@ -369,10 +351,9 @@ async def test_a_callers_x_request_id_is_logged_as_client_request_id_never_used_
         lines = [line for line in access_lines(gateway) if line.get("request_id") in ours_logged]
         return lines if len(lines) >= len(ours) else None
 
-    access = await wait_until(both_logged, within=10) or []
-    lines = access
+    access = await eventually(both_logged, within=10, what="an access log line for each request")
     assert all(line.get("client_request_id") == theirs for line in access), access
-    assert sorted(str(line.get("request_id")) for line in access) == sorted(map(str, ours)), lines
+    assert sorted(str(line.get("request_id")) for line in access) == sorted(map(str, ours)), access
 
 
 # ---- 4. logs --------------------------------------------------------------------------------------------
@@ -432,7 +413,7 @@ async def test_gateway_and_worker_lines_of_one_request_carry_the_same_request_id
 
     gateway_lines = await wait_for_lines(gateway, lambda line: line.get("request_id") == request_id)
     assert any(line.get("event") == "http request" for line in gateway_lines), gateway_lines
-    [worker] = workers_of(stack)
+    [worker] = stack.workers()
     worker_lines = await wait_for_lines(worker, lambda line: line.get("request_id") == request_id)
     assert worker_lines, f"no worker log line names request {request_id} (it was applied: {body})"
 
@@ -445,9 +426,9 @@ async def test_gateway_and_worker_lines_of_a_dead_lettered_request_carry_the_sam
     )
     assert status == 500, body
 
-    gateway_lines = await wait_for_lines(gateway_of(poison_stack), lambda line: line.get("request_id") == request_id)
+    gateway_lines = await wait_for_lines(poison_stack.gateway(), lambda line: line.get("request_id") == request_id)
     assert any(line.get("event") == "http request" and line["status"] == 500 for line in gateway_lines)
-    [worker] = workers_of(poison_stack)
+    [worker] = poison_stack.workers()
     worker_lines = await wait_for_lines(worker, lambda line: line.get("request_id") == request_id)
     assert any("dead-lettered" in line["event"] for line in worker_lines), worker_lines
 
@@ -455,20 +436,8 @@ async def test_gateway_and_worker_lines_of_a_dead_lettered_request_carry_the_sam
 class QuotingTrigger(PoisonTrigger):
     """A poison trigger whose error text quotes the row's phone and WeChat id, as database errors do."""
 
-    async def create(self) -> None:
-        await self.db.execute(f"""
-            CREATE FUNCTION {self.marker}() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.user_id LIKE '{self.marker}%' THEN
-                    RAISE EXCEPTION 'test trigger refuses %: Key (phone, wechat)=(%, %) phone % wechat: %',
-                        NEW.user_id, NEW.phone, NEW.wechat, NEW.phone, NEW.wechat;
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER {self.marker} BEFORE INSERT OR UPDATE ON customers
-                FOR EACH ROW EXECUTE FUNCTION {self.marker}();
-        """)
-        self.active = True
+    RAISE = """RAISE EXCEPTION 'test trigger refuses %: Key (phone, wechat)=(%, %) phone % wechat: %',
+                        NEW.user_id, NEW.phone, NEW.wechat, NEW.phone, NEW.wechat;"""
 
 
 # A phone anywhere that is not part of a longer run of digits, letters, dots or dashes (ids, numbers).
@@ -564,7 +533,7 @@ async def test_metrics_move_exactly_with_known_traffic(
     async def synchronized() -> bool:
         return value(await scrape(http, gateway_metrics), "crm_clock_synchronized") == 1
 
-    assert await wait_until(synchronized, within=15), "the gateway's clock never synchronised"
+    await eventually(synchronized, within=15, what="the gateway's clock synchronised")
     gateway_before = await scrape(http, gateway_metrics)
     worker_before = await scrape(http, worker.metrics_url)
 
@@ -651,9 +620,8 @@ async def test_readyz_is_200_with_broker_replies_and_database_ok(
         status, body = await get(http, f"{gateway.url}/readyz")
         return body if status == 200 and body["checks"].get("database") == "ok" else None
 
-    body = await wait_until(database_ok, within=15)
+    body = await eventually(database_ok, within=15, what="readyz reporting the database ok")
 
-    assert body is not None, "readyz never reported the database ok"
     assert body["checks"]["broker"] == "ok" and body["checks"]["replies"] == "ok", body
 
 

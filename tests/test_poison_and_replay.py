@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,10 @@ import pytest
 from shared.clock.stamps import HybridClock
 from shared.envelope import RequestEnvelope, encode_pack
 from shared.topology import Topology, shard_for
-from tests.conftest import fetch_customer, post
+from tests.helpers import api_of as api_of  # re-exported for tests/test_console.py (being written elsewhere)
+from tests.helpers import applied_customer, assert_error_shape, eventually, fetch_customer, post
 from tests.poison import FAST_RETRIES, MAX_ATTEMPTS, PoisonTrigger
-from tests.support import ROOT, Gateway, Stack, unique_phone, unique_user
+from tests.support import ROOT, Stack, unique_phone, unique_user
 from worker.dead_letters import plain_headers
 from worker.deadletter import dead_letter_message
 
@@ -42,11 +43,6 @@ UNREACHABLE_AMQP = "amqp://guest:guest@127.0.0.1:1/"
 def cli_stack(make_stack: Callable[..., Stack]) -> Stack:
     """Only a queue prefix and an environment: for replay-tool tests that publish dead letters themselves."""
     return make_stack(**FAST_RETRIES)
-
-
-def api_of(stack: Stack) -> str:
-    gateway = next(proc for proc in stack.procs if isinstance(proc, Gateway))
-    return f"{gateway.url}/api/external/customers"
 
 
 def topology_of(stack: Stack) -> Topology:
@@ -63,26 +59,10 @@ def same_shard_users(user: str, count: int) -> list[str]:
     return users
 
 
-def assert_error_shape(body: dict[str, Any]) -> None:
-    assert body["success"] is False, body
-    assert isinstance(body["error"], str) and body["error"], body
-    assert isinstance(body["message"], str) and body["message"], body
-
-
 async def send_poison(http: aiohttp.ClientSession, stack: Stack, body: dict[str, Any]) -> None:
     """Post a request the trigger refuses; it must come back as 500 once it is dead-lettered."""
     status, answer = await post(http, api_of(stack), body)
-    assert status == 500, answer
-    assert_error_shape(answer)
-
-
-async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 15) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.1)
+    assert_error_shape(answer, status=500, answered=status)
 
 
 # ---- the dead-letter queue, read and written directly -----------------------------------------------
@@ -209,8 +189,7 @@ async def test_poison_request_answers_500_in_the_error_shape(
     user = poison.user()
     status, body = await post(http, api_of(poison_stack), {"userId": user, "name": "毒"})
 
-    assert status == 500, body
-    assert_error_shape(body)
+    assert_error_shape(body, status=500, answered=status)
     assert await fetch_customer(db, user) is None
 
 
@@ -351,8 +330,7 @@ async def test_replay_applies_the_chosen_letter_and_keeps_the_others_in_order(
 
     assert result.code == 0, result
     assert chosen.request_id in result.stdout
-    row = await wait_until(lambda: fetch_customer(db, users[1]))
-    assert row is not None, "the replayed request was not applied"
+    row = await applied_customer(db, users[1], within=15)
     assert row["name"] == f"name of {users[1]}"
     processed = await db.fetchval("SELECT outcome FROM processed_requests WHERE request_id = $1", chosen.request_id)
     assert processed == "created"
@@ -363,16 +341,18 @@ async def test_replay_applies_the_chosen_letter_and_keeps_the_others_in_order(
     assert [(a["action"], a["request_ids"]) for a in audit] == [("replay", [chosen.request_id])], audit
 
 
-async def test_replay_never_overwrites_a_field_set_by_a_newer_request(
-    poison_stack: Stack, poison: PoisonTrigger, http: aiohttp.ClientSession, db: asyncpg.Pool
-) -> None:
+async def replayed_over_a_newer_request(
+    stack: Stack, poison: PoisonTrigger, http: aiohttp.ClientSession, db: asyncpg.Pool, *options: str
+) -> dict[str, Any]:
+    """A dead-lettered ``name: old, wechat: w1``, then a newer ``name: new`` applied, then the letter replayed with
+    ``options``: the row once the replay is applied (wechat w1)."""
     user = poison.user()
-    await send_poison(http, poison_stack, {"userId": user, "name": "old", "wechat": "w1"})
+    await send_poison(http, stack, {"userId": user, "name": "old", "wechat": "w1"})
     await poison.drop()
-    status, body = await post(http, api_of(poison_stack), {"userId": user, "name": "new"})
+    status, body = await post(http, api_of(stack), {"userId": user, "name": "new"})
     assert status == 201, body
 
-    result = await replay_tool(poison_stack, "replay", "--user-id", user, "--actor", new_actor())
+    result = await replay_tool(stack, "replay", "--user-id", user, *options, "--actor", new_actor())
 
     assert result.code == 0, result
 
@@ -380,8 +360,14 @@ async def test_replay_never_overwrites_a_field_set_by_a_newer_request(
         row = await fetch_customer(db, user)
         return row if row is not None and row["wechat"] == "w1" else None
 
-    row = await wait_until(wechat_set)
-    assert row is not None, f"the replay was not applied: {await fetch_customer(db, user)}"
+    return await eventually(wechat_set, what="the replay applied")
+
+
+async def test_replay_never_overwrites_a_field_set_by_a_newer_request(
+    poison_stack: Stack, poison: PoisonTrigger, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    row = await replayed_over_a_newer_request(poison_stack, poison, http, db)
+
     assert row["name"] == "new", "a stale replay overwrote a newer field"
     assert await dead_letters(poison_stack) == []
 
@@ -389,22 +375,8 @@ async def test_replay_never_overwrites_a_field_set_by_a_newer_request(
 async def test_forced_replay_overwrites_newer_fields(
     poison_stack: Stack, poison: PoisonTrigger, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
-    user = poison.user()
-    await send_poison(http, poison_stack, {"userId": user, "name": "old", "wechat": "w1"})
-    await poison.drop()
-    status, body = await post(http, api_of(poison_stack), {"userId": user, "name": "new"})
-    assert status == 201, body
+    row = await replayed_over_a_newer_request(poison_stack, poison, http, db, "--force")
 
-    result = await replay_tool(poison_stack, "replay", "--user-id", user, "--force", "--actor", new_actor())
-
-    assert result.code == 0, result
-
-    async def replayed() -> dict[str, Any] | None:
-        row = await fetch_customer(db, user)
-        return row if row is not None and row["wechat"] == "w1" else None
-
-    row = await wait_until(replayed)
-    assert row is not None, f"the forced replay was not applied: {await fetch_customer(db, user)}"
     assert row["name"] == "old"
 
 
@@ -530,8 +502,8 @@ async def test_pack_dead_lettered_by_the_broker_is_listed_and_replayed_whole(
     result = await replay_tool(poison_stack, "replay", "--user-id", users[1])
     assert result.code == 0, result
     for user in users:
-        row = await wait_until(lambda user=user: fetch_customer(db, user))  # type: ignore[misc]
-        assert row is not None and row["name"] == f"limit {user}"
+        row = await applied_customer(db, user, within=15)
+        assert row["name"] == f"limit {user}"
     assert await dead_letters(poison_stack) == []
 
 
@@ -548,8 +520,7 @@ async def test_request_that_always_violates_a_unique_constraint_is_dead_lettered
         assert status == 201
         started = time.monotonic()
         status, body = await post(http, api_of(poison_stack), {"userId": second, "wechat": f"{marker}_w"})
-        assert status == 500, body
-        assert_error_shape(body)
+        assert_error_shape(body, status=500, answered=status)
         assert time.monotonic() - started < 10
         [letter] = [letter for letter in await dead_letters(poison_stack) if letter.user_id == second]
         assert "UniqueViolation" in letter.headers["x-exception"]
@@ -577,6 +548,6 @@ async def test_replay_routes_by_user_id_even_if_the_recorded_shard_is_gone(
 
     result = await replay_tool(poison_stack, "replay", "--request-id", envelope.request_id)
     assert result.code == 0, result
-    row = await wait_until(lambda: fetch_customer(db, user))
-    assert row is not None and row["name"] == "rerouted"
+    row = await applied_customer(db, user, within=15)
+    assert row["name"] == "rerouted"
     assert [letter for letter in await dead_letters(poison_stack) if letter.user_id == user] == []

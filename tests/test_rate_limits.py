@@ -9,7 +9,6 @@ gains less than one token back.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,14 +16,10 @@ import aiohttp
 import pytest
 
 from shared.apikeys import new_key
+from tests.helpers import assert_error_shape, customers_url, key_line
 from tests.support import RUN_ID, Gateway, Stack, unique_user
-from tests.test_poison_and_replay import assert_error_shape
 
 BURST = 4
-
-
-def line_for(name: str, key: str, extra: str = "") -> str:
-    return f"{name}:{hashlib.sha256(key.encode()).hexdigest()}{extra}"
 
 
 @dataclass
@@ -34,7 +29,7 @@ class Limited:
 
     @property
     def api(self) -> str:
-        return f"{self.gateway.url}/api/external/customers"
+        return customers_url(self.gateway)
 
     def auth(self, name: str) -> dict[str, str]:
         return {"X-API-Key": self.keys[name]}
@@ -45,8 +40,8 @@ def limited(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathF
     """RATE_LIMIT=1/s, RATE_BURST=4; keys a, b, c on the default, ``slow`` with its own 1/s and burst 1,
     ``exempt`` with rate 0 (never limited)."""
     keys = {name: new_key() for name in ("a", "b", "c", "slow", "exempt")}
-    entries = [line_for(name, keys[name]) for name in ("a", "b", "c")]
-    entries += [line_for("slow", keys["slow"], ":1:1"), line_for("exempt", keys["exempt"], ":0:0")]
+    entries = [key_line(name, keys[name]) for name in ("a", "b", "c")]
+    entries += [key_line("slow", keys["slow"], ":1:1"), key_line("exempt", keys["exempt"], ":0:0")]
     stack = Stack(database_url, amqp_url, prefix=f"rate{RUN_ID}", log_dir=tmp_path_factory.mktemp("rate"),
                   api_keys=",".join(entries), rate_limit=1, rate_burst=BURST)
     stack.start_worker()
@@ -74,8 +69,7 @@ async def test_429_after_the_burst_with_retry_after_and_ratelimit_fields(
     answers = await spend(http, limited, "a", BURST)
     assert [r.status for r in answers] == [404] * BURST
     async with http.get(f"{limited.api}/nobody", headers=limited.auth("a")) as response:
-        assert response.status == 429
-        assert_error_shape(await response.json())
+        assert_error_shape(await response.json(), status=429, answered=response.status)
         assert response.headers["Retry-After"] == "1"  # one token a second
         assert response.headers["RateLimit-Policy"] == f'"default";q={BURST};w={BURST}'
         assert response.headers["RateLimit"] == '"default";r=0;t=1'  # t = Retry-After (draft section 6)

@@ -10,7 +10,6 @@ with no worker (503: the request was published under its accepted id and refused
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,15 +20,10 @@ import pytest
 
 from gateway.request_ids import request_id_time_ms, was_refused
 from shared.apikeys import new_key
-from tests.conftest import fetch_customer
+from tests.helpers import assert_error_shape, customers_url, eventually, fetch_customer, key_line
 from tests.support import Gateway, Stack, unique_user
-from tests.test_poison_and_replay import assert_error_shape, wait_until
 
 REQUEST_ID_HEADER = "X-Request-Id"
-
-
-def line_for(name: str, key: str, extra: str = "") -> str:
-    return f"{name}:{hashlib.sha256(key.encode()).hexdigest()}{extra}"
 
 
 @dataclass
@@ -42,7 +36,7 @@ class Refusing:
 
     @property
     def api(self) -> str:
-        return f"{self.gateway.url}/api/external/customers"
+        return customers_url(self.gateway)
 
     def auth(self, name: str = "ok") -> dict[str, str]:
         return {"X-API-Key": self.keys[name]}
@@ -52,7 +46,7 @@ class Refusing:
 def refusing(make_stack: Callable[..., Stack]) -> Refusing:
     keys = {"ok": new_key(), "slow": new_key()}
     stack = make_stack(
-        api_keys=",".join([line_for("ok", keys["ok"]), line_for("slow", keys["slow"], ":1:1")]),
+        api_keys=",".join([key_line("ok", keys["ok"]), key_line("slow", keys["slow"], ":1:1")]),
         shard_count=1, queue_max_length=2, rpc_timeout=0.3,
     )
     return Refusing(stack, stack.start_gateway(), keys)
@@ -92,11 +86,11 @@ async def test_an_id_handed_out_with_a_refusal_answers_404_never_pending(
 
     assert {status: got for status, (got, _, _) in answers.items()} == {status: status for status in answers}
     for status, (_, body, request_id) in answers.items():
-        assert_error_shape(body)
+        assert_error_shape(body, status=status)
         assert request_id_time_ms(request_id) is not None and was_refused(request_id), (status, request_id)
         polled, polled_body = await status_of(refusing, http, request_id)
-        assert polled == 404, (status, polled_body)  # before: 200 {"status": "pending"} for two days
-        assert_error_shape(polled_body)
+        # before: 200 {"status": "pending"} for two days
+        assert_error_shape(polled_body, status=404, answered=polled)
         assert "未被受理" in polled_body["error"], polled_body
     assert len({request_id for _, _, request_id in answers.values()}) == len(answers)
 
@@ -132,8 +126,8 @@ async def test_a_503_id_answers_404_and_an_accepted_id_answers_its_real_status(
             data: dict[str, Any] = answer_body["data"]
             return data if data["status"] != "pending" else None
 
-        data = await wait_until(applied, within=30)
-        assert data is not None and data["status"] == "created" and data["userId"] == user, data
+        data = await eventually(applied, within=30, what=f"the request of {user} applied")
+        assert data["status"] == "created" and data["userId"] == user, data
     polled, body = await status_of(refusing, http, refused_id)
     assert polled == 404, body  # still: it was never accepted...
     assert await fetch_customer(db, refused_user) is None  # ...and never applied

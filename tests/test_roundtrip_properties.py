@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from shared.model import CREATE_DEFAULTS, MAX_LENGTHS
-from tests.conftest import post
+from tests.helpers import post
 from tests.support import unique_phone, unique_user
 from tests.unit.test_model_properties import (
     DOCUMENTED_FIELDS,

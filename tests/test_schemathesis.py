@@ -51,11 +51,9 @@ from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.pytest.lazy import get_all_tests
 from schemathesis.schemas import BaseSchema
 
-from bench.stack import with_database
 from shared.errors import RequestInvalid
-from shared.migrate import migrate
 from shared.model import parse_customer
-from tests.support import ADMIN_DATABASE_URL, RUN_ID, Gateway, Stack, unique_user
+from tests.support import RUN_ID, Gateway, Stack, create_database, drop_database, unique_user
 
 FUZZ_DATABASE = f"crm_fuzz_{RUN_ID}"
 SEQUENCES_DATABASE = f"crm_fuzz_seq_{RUN_ID}"
@@ -148,22 +146,6 @@ def customer_properties(document: dict[str, Any]) -> dict[str, Any]:
 # ---- the gateway under test, its document ------------------------------------------------------------------------
 
 
-async def create_database(name: str) -> str:
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = with_database(ADMIN_DATABASE_URL, name)
-    await migrate(url)
-    return url
-
-
-async def drop_database(name: str) -> None:
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    with contextlib.suppress(asyncpg.PostgresError):
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
-
-
 @contextlib.contextmanager
 def gateway_and_worker(database_url: str, amqp_url: str, prefix: str, log_dir: Path) -> Iterator[Gateway]:
     stack = Stack(database_url, amqp_url, prefix=prefix, log_dir=log_dir)
@@ -177,13 +159,15 @@ def gateway_and_worker(database_url: str, amqp_url: str, prefix: str, log_dir: P
 @pytest.fixture(scope="module")
 async def fuzz_database_url() -> AsyncIterator[str]:
     yield await create_database(FUZZ_DATABASE)
-    await drop_database(FUZZ_DATABASE)
+    with contextlib.suppress(asyncpg.PostgresError):
+        await drop_database(FUZZ_DATABASE)
 
 
 @pytest.fixture(scope="module")
 async def sequences_database_url() -> AsyncIterator[str]:
     yield await create_database(SEQUENCES_DATABASE)
-    await drop_database(SEQUENCES_DATABASE)
+    with contextlib.suppress(asyncpg.PostgresError):
+        await drop_database(SEQUENCES_DATABASE)
 
 
 @pytest.fixture(scope="module")

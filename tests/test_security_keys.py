@@ -25,12 +25,13 @@ import orjson
 import pytest
 
 from shared.apikeys import new_key
+from tests.helpers import assert_error_shape, customers_url, eventually, key_line
 from tests.support import ROOT, RUN_ID, Gateway, Stack, unique_user
-from tests.test_poison_and_replay import assert_error_shape, wait_until
 
 
-def line_for(name: str, key: str, extra: str = "") -> str:
-    return f"{name}:{hashlib.sha256(key.encode()).hexdigest()}{extra}\n"
+def keys_text(keys: dict[str, str]) -> str:
+    """A keys file holding ``keys`` (name -> key)."""
+    return "".join(f"{key_line(name, key)}\n" for name, key in keys.items())
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Keyed:
 
     @property
     def api(self) -> str:
-        return f"{self.gateway.url}/api/external/customers"
+        return customers_url(self.gateway)
 
     def key(self, name: str) -> str:
         self.presented.append(self.keys[name])
@@ -55,7 +56,7 @@ def keyed(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFac
     log_dir = tmp_path_factory.mktemp("keys")
     keys = {"crm-bot-1": new_key(), "crm-bot-2": new_key()}
     keys_file = log_dir / "api_keys"
-    keys_file.write_text("# test keys\n" + "".join(line_for(name, key) for name, key in keys.items()))
+    keys_file.write_text("# test keys\n" + keys_text(keys))
     stack = Stack(database_url, amqp_url, prefix=f"keys{RUN_ID}", log_dir=log_dir, api_keys_file=keys_file)
     stack.start_worker()
     gateway = stack.start_gateway()
@@ -79,15 +80,6 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
-async def logged(gateway: Gateway, text: str) -> bool:
-    """``text`` in the gateway's output within a few seconds (INFO lines are written in batches)."""
-
-    async def found() -> bool:
-        return text in gateway.output()
-
-    return bool(await wait_until(found, within=3))
-
-
 # ---- missing, wrong, right ---------------------------------------------------------------------------
 
 
@@ -98,10 +90,9 @@ async def test_missing_key_is_401_in_the_error_shape_with_www_authenticate_beare
                         ("GET", f"{keyed.gateway.url}/api/external/requests/x"),
                         ("GET", f"{keyed.gateway.url}/api/external/no-such-route")):
         async with http.request(method, url, json={"userId": "u"}) as response:
-            assert response.status == 401, (method, url)
-            assert response.headers["WWW-Authenticate"] == "Bearer"
             body = await response.json()
-            assert_error_shape(body)
+            assert_error_shape(body, status=401, answered=response.status)
+            assert response.headers["WWW-Authenticate"] == "Bearer"
             assert "API密钥" in body["error"]
 
 
@@ -170,8 +161,7 @@ async def test_key_name_is_in_the_gateway_access_log_line(keyed: Keyed, http: ai
                 return line
         return None
 
-    line = await wait_until(access_line, within=5)
-    assert line is not None
+    line = await eventually(access_line, within=5, what="the access log line")
     assert line["api_key"] == "crm-bot-1" and line["status"] == 201
 
 
@@ -205,17 +195,17 @@ async def test_rotated_key_via_file_change_old_key_401_new_key_201_same_process(
     keyed.presented.append(new)
     # Atomic replacement, as an operator's tooling would do it (a new inode: mtime alone may not move).
     staged = keyed.keys_file.with_suffix(".new")
-    staged.write_text("".join(line_for(name, key) for name, key in keyed.keys.items()))
+    staged.write_text(keys_text(keyed.keys))
     os.replace(staged, keyed.keys_file)
 
     async def rotated() -> bool:
         return not await accepted(http, keyed.api, old) and await accepted(http, keyed.api, new)
 
-    assert await wait_until(rotated, within=5), keyed.gateway.output()[-2000:]
+    await eventually(rotated, within=5, what="the new key in force, the old one refused")
     assert (await post_customer(http, keyed.api, {"Authorization": f"Bearer {new}"})).status == 201
     assert (await post_customer(http, keyed.api, {"Authorization": f"Bearer {old}"})).status == 401
     assert keyed.gateway.pid == pid and keyed.gateway.alive()
-    assert await logged(keyed.gateway, "API keys reloaded (file changed)")
+    await keyed.gateway.logged("API keys reloaded (file changed)", within=3)
 
 
 async def test_rotated_key_via_sighup_old_key_401_new_key_201_same_process(
@@ -227,7 +217,7 @@ async def test_rotated_key_via_sighup_old_key_401_new_key_201_same_process(
     # Rewritten in place with the same size and mtime: only SIGHUP can make the gateway notice.
     before = keyed.keys_file.stat()
     keyed.keys["crm-bot-2"] = new
-    keyed.keys_file.write_text("".join(line_for(name, key) for name, key in keyed.keys.items()))
+    keyed.keys_file.write_text(keys_text(keyed.keys))
     os.utime(keyed.keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert keyed.keys_file.stat().st_size == before.st_size
     await asyncio.sleep(2.5)  # more than two polls of the file
@@ -238,10 +228,10 @@ async def test_rotated_key_via_sighup_old_key_401_new_key_201_same_process(
     async def rotated() -> bool:
         return not await accepted(http, keyed.api, old) and await accepted(http, keyed.api, new)
 
-    assert await wait_until(rotated, within=5)
+    await eventually(rotated, within=5, what="the new key in force, the old one refused")
     assert (await post_customer(http, keyed.api, {"X-API-Key": new})).status == 201
     assert keyed.gateway.pid == pid and keyed.gateway.alive()
-    assert await logged(keyed.gateway, "API keys reloaded (SIGHUP)")
+    await keyed.gateway.logged("API keys reloaded (SIGHUP)", within=3)
 
 
 async def test_a_malformed_new_keys_file_keeps_the_old_keys_and_logs_an_error(
@@ -249,14 +239,14 @@ async def test_a_malformed_new_keys_file_keeps_the_old_keys_and_logs_an_error(
 ) -> None:
     key = keyed.key("crm-bot-1")
     staged = keyed.keys_file.with_suffix(".bad")
-    staged.write_text(line_for("crm-bot-1", key) + "oops-not-a-line\n")
+    staged.write_text(keys_text({"crm-bot-1": key}) + "oops-not-a-line\n")
     os.replace(staged, keyed.keys_file)
 
     async def reported() -> bool:
         return any(line.get("level") == "error" and "line 2" in line.get("event", "")
                    for line in json_lines(keyed.gateway.output()))
 
-    assert await wait_until(reported, within=5)
+    await eventually(reported, within=5, what="an error naming line 2 logged")
     assert await accepted(http, keyed.api, key)
     assert await accepted(http, keyed.api, keyed.keys["crm-bot-2"])  # still the keys in force before
     assert keyed.gateway.alive()
@@ -295,7 +285,7 @@ async def test_protect_metrics_and_protect_docs_put_them_behind_the_keys(
     make_stack: Callable[..., Stack], http: aiohttp.ClientSession
 ) -> None:
     key = new_key()
-    stack = make_stack(api_keys=line_for("ops", key).strip(), protect_metrics="true", protect_docs="true")
+    stack = make_stack(api_keys=key_line("ops", key), protect_metrics="true", protect_docs="true")
     gateway = stack.start_gateway()
     for path in ("/metrics", "/docs", "/openapi.json", "/docs/assets/docs.js"):
         async with http.get(f"{gateway.url}{path}") as response:
@@ -313,7 +303,7 @@ async def test_api_keys_variable_configures_keys_without_a_file(
     make_stack: Callable[..., Stack], http: aiohttp.ClientSession
 ) -> None:
     key = new_key()
-    stack = make_stack(api_keys=f"a:{hashlib.sha256(b'other').hexdigest()}," + line_for("b", key).strip())
+    stack = make_stack(api_keys=f"a:{hashlib.sha256(b'other').hexdigest()}," + key_line("b", key))
     gateway = stack.start_gateway()
     url = f"{gateway.url}/api/external/customers/nobody"
     async with http.get(url, headers={"X-API-Key": key}) as response:
@@ -324,7 +314,7 @@ async def test_api_keys_variable_configures_keys_without_a_file(
 
 def test_a_malformed_keys_file_stops_the_gateway_with_one_line_naming_the_line(tmp_path: Path) -> None:
     keys_file = tmp_path / "api_keys"
-    keys_file.write_text(line_for("ok", new_key()) + "# comment\n\nbroken-line-with-no-hash\n")
+    keys_file.write_text(keys_text({"ok": new_key()}) + "# comment\n\nbroken-line-with-no-hash\n")
     env = {**os.environ, "API_KEYS_FILE": str(keys_file), "PORT": "1"}  # fails before listening
     result = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60)

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.helpers import assert_error_shape, customers_url
 from tests.support import Gateway, Stack, unique_user
 
 HEAD = b"POST /api/external/customers HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -45,12 +46,10 @@ def slow_stack(make_stack: Callable[..., Stack]) -> Stack:
     return stack
 
 
-def gateway_of(stack: Stack) -> Gateway:
-    return next(p for p in stack.procs if isinstance(p, Gateway))
 
 
 async def test_a_client_trickling_its_headers_is_cut_off_after_client_timeout(slow_stack: Stack) -> None:
-    reader, writer = await connect(gateway_of(slow_stack))
+    reader, writer = await connect(slow_stack.gateway())
     started = time.monotonic()
 
     async def trickle() -> None:
@@ -68,7 +67,7 @@ async def test_a_client_trickling_its_headers_is_cut_off_after_client_timeout(sl
 
 
 async def test_a_body_not_sent_within_client_timeout_gets_408_and_the_connection_closed(slow_stack: Stack) -> None:
-    reader, writer = await connect(gateway_of(slow_stack))
+    reader, writer = await connect(slow_stack.gateway())
     writer.write(HEAD + b"Content-Length: 100\r\n\r\n" + b'{"userId": "slow"')  # 17 of 100 bytes
     await writer.drain()
     closed, received = await closed_by_server(reader, within=6)
@@ -76,11 +75,11 @@ async def test_a_body_not_sent_within_client_timeout_gets_408_and_the_connection
     assert closed
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), received
-    assert orjson.loads(body)["success"] is False
+    assert_error_shape(orjson.loads(body), status=408)
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(slow_stack: Stack) -> None:
-    reader, writer = await connect(gateway_of(slow_stack))
+    reader, writer = await connect(slow_stack.gateway())
     body = orjson.dumps({"userId": unique_user("ka")})
     writer.write(HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
@@ -107,8 +106,7 @@ async def test_oversized_headers_get_400_in_the_spec_error_shape(
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", (case, received[:200])
     assert b"application/json" in head
-    parsed = orjson.loads(body)
-    assert parsed["success"] is False and parsed["error"] and parsed["message"], case
+    assert_error_shape(orjson.loads(body), status=400)
 
 
 async def test_hundreds_of_trickling_connections_do_not_slow_normal_clients(
@@ -130,7 +128,7 @@ async def test_hundreds_of_trickling_connections_do_not_slow_normal_clients(
             await asyncio.sleep(1)
 
     trickling = asyncio.create_task(keep_trickling())
-    url = f"{gateway.url}/api/external/customers"
+    url = customers_url(gateway)
     latencies: list[float] = []
 
     async def normal_client(n: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import asyncpg
 
-from tests.conftest import fetch_customer, post
+from tests.helpers import fetch_customer, post
 from tests.support import unique_phone, unique_user
 
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests import spec_examples
-from tests.conftest import fetch_customer, post
+from tests.helpers import fetch_customer, post
 from tests.support import unique_phone, unique_user
 
 BUSINESS_COLUMNS = (

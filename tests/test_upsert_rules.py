@@ -18,7 +18,7 @@ import pytest
 
 from shared.envelope import RequestEnvelope, encode_pack
 from shared.topology import Topology
-from tests.conftest import fetch_customer, post
+from tests.helpers import assert_error_shape, fetch_customer, post, processed_outcomes
 from tests.support import Stack, unique_phone, unique_user
 
 
@@ -121,11 +121,8 @@ async def test_update_keeps_a_value_set_after_create(
 
 
 def assert_phone_taken(status: int, body: dict[str, Any]) -> None:
-    assert status == 409, body
-    assert body["success"] is False
+    assert_error_shape(body, status=409, answered=status)
     assert body["error"].startswith("手机号已存在"), body
-    assert isinstance(body["message"], str) and body["message"]
-    assert set(body) <= {"success", "error", "message", "details"}
 
 
 async def test_phone_taken_by_another_customer_is_409_for_an_existing_customer_and_changes_nothing(
@@ -265,18 +262,6 @@ async def test_sequential_updates_end_in_the_last_value(
 # ---- out-of-order delivery --------------------------------------------------------------------------
 
 
-async def wait_processed(db: asyncpg.Pool, request_ids: list[str], within: float = 20.0) -> dict[str, str]:
-    """Poll processed_requests until every id is there; return request_id -> outcome."""
-    deadline = time.monotonic() + within
-    while True:
-        rows = await db.fetch(
-            "SELECT request_id, outcome FROM processed_requests WHERE request_id = ANY($1::text[])", request_ids
-        )
-        if len(rows) == len(request_ids) or time.monotonic() > deadline:
-            return {row["request_id"]: row["outcome"] for row in rows}
-        await asyncio.sleep(0.1)
-
-
 async def test_out_of_order_delivery_converges_to_the_newer_values(
     stack: Stack, amqp_url: str, db: asyncpg.Pool
 ) -> None:
@@ -303,8 +288,8 @@ async def test_out_of_order_delivery_converges_to_the_newer_values(
                 routing_key=topology.routing_key_for(user), mandatory=True,
             )
             # Wait for each to be applied so the delivery order really is newer-then-older.
-            assert await wait_processed(db, [envelope.request_id]), f"{envelope.request_id} never processed"
-    outcomes = await wait_processed(db, [newer.request_id, older.request_id])
+            await processed_outcomes(db, [envelope.request_id])
+    outcomes = await processed_outcomes(db, [newer.request_id, older.request_id])
     assert outcomes == {newer.request_id: "created", older.request_id: "updated"}
     row = await stored(db, user)
     assert row is not None
