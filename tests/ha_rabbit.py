@@ -357,10 +357,11 @@ class RabbitCluster:
         return self.node_names.index(name)
 
     def _live_index(self, node: int | None) -> int:
-        """``node``, or when it is None the first node whose server is running."""
+        """``node``, or when it is None the first node whose server is running and booted (listening: a node
+        being restarted in the background is not asked)."""
         if node is not None:
             return node
-        return next((n.index for n in self.nodes if n.running()), 0)
+        return next((n.index for n in self.nodes if n.running() and port_open(n.port)), 0)
 
     def cli(self, tool: str, *args: str, node: int | None = None, timeout: float = 60,
             check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -448,6 +449,24 @@ class RabbitCluster:
     def queue_members(self, vhost: str, queue: str) -> list[str]:
         """The node names of a quorum queue's members."""
         return list(self.queue_info(vhost, queue, "members")["members"])
+
+    def queues(self, vhost: str, *fields: str) -> list[dict[str, Any]]:
+        """``list_queues`` of a vhost in one call: a dict per queue with ``name`` and ``fields``."""
+        rows: list[dict[str, Any]] = self._json("list_queues", "-p", vhost, "name", *fields)
+        return rows
+
+    def client_connections(self, vhost: str) -> list[dict[str, Any]]:
+        """The client connections to ``vhost`` on every running node: ``node`` (its index, from the port the
+        client connected to) and ``name`` (the client's ``connection_name``, ``""`` when it gave none)."""
+        by_port = {node.port: node.index for node in self.nodes}
+        rows = self._json("list_connections", "vhost", "port", "client_properties")
+        found = []
+        for row in rows:
+            if row["vhost"] != vhost:
+                continue
+            properties = {prop[0]: prop[2] for prop in row["client_properties"]}
+            found.append({"node": by_port[int(row["port"])], "name": str(properties.get("connection_name", ""))})
+        return found
 
     def connections_on(self, node_index: int) -> int:
         """How many client connections node ``node_index`` holds."""
