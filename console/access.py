@@ -133,6 +133,13 @@ class Sessions:
 SESSIONS: Final = web.AppKey("sessions", Sessions)
 
 
+def refusal_for(request: web.Request) -> Refuse:
+    """How the application the route belongs to refuses (in an outer app's middleware, ``request.config_dict`` is
+    the outer app's own, so the route's chain of applications is read instead)."""
+    refuse: Refuse = ChainMapProxy(list(reversed(request.match_info.apps)))[REFUSE]
+    return refuse
+
+
 def cross_site(request: web.Request) -> str | None:
     """Why an unsafe request comes from another site (None: it does not)."""
     fetch_site = request.headers.get("Sec-Fetch-Site")
@@ -162,9 +169,7 @@ async def _csrf_token(request: web.Request) -> str | None:
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     sessions = request.config_dict[SESSIONS]
-    # The application the route belongs to draws the refusal (here, in the outer app's middleware,
-    # request.config_dict is the outer app's own).
-    refuse = ChainMapProxy(list(reversed(request.match_info.apps)))[REFUSE]
+    refuse = refusal_for(request)
     unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
     if unsafe and (why := cross_site(request)) is not None:
         return refuse(request, 403, why)

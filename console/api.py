@@ -18,7 +18,7 @@ matches now, nothing is done (409).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -44,9 +44,11 @@ def answer(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+ERRORS: Final = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
+
+
 def refuse(request: web.Request, status: int, message: str) -> web.StreamResponse:
-    return answer({"error": {401: "unauthorized", 403: "forbidden", 409: "conflict"}.get(status, "bad_request"),
-                   "message": message}, status)
+    return answer({"error": ERRORS.get(status, "bad_request"), "message": message}, status)
 
 
 def _desk(request: web.Request) -> Desk:

@@ -4,23 +4,25 @@
                     topology checked against the broker's), opened and checked at start, closed at the end;
                     the ``Desk`` over them
     middlewares     security headers, then ``access.access_middleware`` (cross-site refusal, session or key,
-                    CSRF, the route's role)
+                    CSRF, the route's role), then ``unavailable`` (an outage mid-request: 503, said in one line)
     routes          the pages (``console.pages``) at ``/``, the JSON API (``console.api``) as the sub-application
                     ``/api`` (its refusals are JSON)
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
+import aio_pika
 import aiohttp_jinja2
 import asyncpg
 import jinja2
 from aiohttp import web
 
 from console import api, pages
-from console.access import REFUSE, SESSIONS, Handler, Sessions, access_middleware
+from console.access import REFUSE, SESSIONS, Handler, Sessions, access_middleware, refusal_for
 from console.desk import DESK, Desk
 from console.keys import ConsoleKeys
 from shared.brokers import connect_robust
@@ -28,6 +30,8 @@ from shared.cli import starting
 from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.topology import Topology
 from worker.repository import init_connection
+
+log = logging.getLogger("console")
 
 POOL_SIZE: Final = 4
 
@@ -46,8 +50,24 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+# What an outage raises mid-request: the console stays up and says so (the pool and the robust AMQP connection
+# reconnect by themselves).
+_UNAVAILABLE: Final = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                       asyncpg.CannotConnectNowError, aio_pika.exceptions.AMQPError)
+
+
+@web.middleware
+async def unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _UNAVAILABLE as exc:
+        log.warning("%s %s: %s: %s", request.method, request.path, exc.__class__.__name__, exc)
+        return refusal_for(request)(request, 503, "PostgreSQL or RabbitMQ cannot be reached right now: nothing was "
+                                    "changed; try again in a moment")
+
+
 def create_app(settings: Settings, keys: ConsoleKeys, secret: str) -> web.Application:
-    app = web.Application(middlewares=[security_headers, access_middleware])
+    app = web.Application(middlewares=[security_headers, access_middleware, unavailable])
     app[SESSIONS] = Sessions(secret, secure=settings.console_secure_cookie, keys=keys)
     app[REFUSE] = pages.refuse
     aiohttp_jinja2.setup(

@@ -34,8 +34,11 @@ import asyncpg
 import pytest
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from bench.stack import free_port
+from console.app import create_app
+from console.desk import DESK
 from console.keys import (
     check_open_console,
     is_loopback,
@@ -51,6 +54,7 @@ from tests.test_entry_points import assert_one_line_failure, run
 from tests.test_poison_and_replay import (
     api_of,
     envelope_for,
+    listed_ids,
     publish_dead_letters,
     send_poison,
     topology_of,
@@ -512,6 +516,43 @@ async def test_api_without_a_session_or_key_is_401(console: Console, http: aioht
 
     assert (status, body["error"]) == (401, "unauthorized")
     assert wrong == 401
+
+
+async def test_the_replay_tool_selects_with_the_same_filters_as_the_console(
+    make_stack: Callable[..., Stack], http: aiohttp.ClientSession,
+) -> None:
+    stack = make_stack()
+    phone, user = unique_phone(), f"same_{RUN_ID}"
+    envelopes = [envelope_for(user, phone=phone), envelope_for(user, nickname="x"), envelope_for(f"other_{RUN_ID}")]
+    await publish_dead_letters(stack, envelopes, reason="Deadlock detected")
+    console = start_console(stack)
+
+    by_tool = {args: await listed_ids(stack, *args) for args in
+               (("--q", phone), ("--user-id", user), ("--reason", "deadlock"), ("--q", phone[:6]))}
+    by_console = {}
+    for args in by_tool:
+        name = {"--q": "q", "--user-id": "userId", "--reason": "reason"}[args[0]]
+        async with http.get(f"{console.url}/api/dead-letters", params={name: args[1]}) as response:
+            by_console[args] = [item["requestId"] for item in reversed((await response.json())["items"])]
+
+    assert by_tool == by_console
+    assert by_tool[("--q", phone)] == [envelopes[0].request_id]
+    assert by_tool[("--user-id", user)] == [envelopes[0].request_id, envelopes[1].request_id]
+    assert len(by_tool[("--reason", "deadlock")]) == 3 and by_tool[("--q", phone[:6])] == []
+
+
+async def test_an_outage_mid_request_is_a_503_saying_so_not_a_crash(database_url: str, amqp_url: str) -> None:
+    settings = Settings(database_url=database_url, amqp_url=amqp_url, amqp_prefix=f"out{RUN_ID}", shard_count=8)
+    app = create_app(settings, parse_console_keys_variable(""), "a test secret")
+    async with TestClient(TestServer(app)) as client:
+        await app[DESK].pool.close()  # as if PostgreSQL went away
+        async with client.get("/") as response:
+            page = response.status, await response.text()
+        async with client.get("/api/dead-letters") as response:
+            api = response.status, await response.json()
+
+    assert page[0] == 503 and "cannot be reached right now" in page[1]
+    assert api == (503, {"error": "unavailable", "message": api[1]["message"]})
 
 
 # ---- browsing changes nothing in the broker ------------------------------------------------------------------
