@@ -198,10 +198,13 @@ async def _letter_context(request: web.Request, letter: DeadLetter, *, revealed:
         payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
         payloads.append({"request_id": envelope.get("request_id"), "user_id": envelope.get("user_id"),
                          "fields": payload if revealed else mask_payload(payload)})
-    deaths = letter.headers.get("x-death") if isinstance(letter.headers.get("x-death"), list) else []
+    raw_deaths = letter.headers.get("x-death")
+    deaths: list[Any] = raw_deaths if isinstance(raw_deaths, list) else []
     return {
         "letter": letter, "summary": summary, "when": _when(letter.dead_at), "payloads": payloads,
-        "deaths": deaths, "revealed": revealed, "statuses": statuses, "error": None,
+        "deaths": [{**death, "when": _when(death.get("time"))} for death in deaths if isinstance(death, dict)],
+        "first_failure": _when(summary["firstFailureAt"]), "last_failure": _when(summary["lastFailureAt"]),
+        "revealed": revealed, "statuses": statuses, "error": None,
         "earlier": [_row(other) for other in await _desk(request).same_request(letter)],
         "force_sentence": FORCE_SENTENCE,
     }

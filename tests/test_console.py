@@ -5,8 +5,9 @@ queue prefix of this module's own; its dead letters are made by the poison trigg
 the database refuses until the trigger is dropped) through the gateway, or published exactly as a worker
 publishes them (``publish_dead_letters``). The browser journey — log in, filter, open, reveal, dry run, replay,
 outcomes, audit, the viewer's view, a cross-site POST, logout — runs in file order on one set of dead letters;
-the screenshots in docs/images are taken on the way. The performance test puts 10,000 dead letters in the table
-and times the list and filter pages against the empty-table page of the same console.
+the screenshots of docs/images are taken on the way (written there with UPDATE_SCREENSHOTS=1). The performance
+test puts 10,000 dead letters in the table and times the list and filter pages against the empty-table page of
+the same console.
 
 Chromium is Debian's (``apt-get install chromium``, scripts/install_test_tools.sh): no browser is downloaded, and
 the browser tests skip where it is missing.
@@ -230,16 +231,19 @@ def masked(phone: str) -> str:
     return f"{phone[:3]}****{phone[-4:]}"
 
 
-async def screenshot(page: Page, name: str) -> None:
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(IMAGES / name), full_page=True)
+async def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    """The docs' screenshots: written to docs/images with UPDATE_SCREENSHOTS=1, else to the test's own folder (so a
+    test run leaves the work tree as it was)."""
+    folder = IMAGES if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    await page.screenshot(path=str(folder / name), full_page=True)
+    assert (folder / name).stat().st_size > 10_000
 
 
 # ---- the browser journey (in file order) --------------------------------------------------------------------
 
 
 async def test_operator_logs_in_and_sees_every_dead_letter_newest_first_with_the_total(
-    operator_page: Page, letters: Letters,
+    operator_page: Page, letters: Letters, tmp_path: Path,
 ) -> None:
     page = operator_page
     await page.wait_for_selector("#total")
@@ -251,7 +255,7 @@ async def test_operator_logs_in_and_sees_every_dead_letter_newest_first_with_the
     assert all("test trigger refuses" in reason for reason in reasons), reasons
     attempts = await page.locator("table.letters tbody tr td.num").all_inner_texts()
     assert attempts == [str(MAX_ATTEMPTS)] * 3
-    await screenshot(page, "console-list.png")
+    await screenshot(page, "console-list.png", tmp_path)
 
 
 async def test_filter_by_user_id_shows_only_that_users_dead_letters(operator_page: Page, letters: Letters) -> None:
@@ -284,7 +288,7 @@ async def test_filter_by_q_matches_a_whole_field_value_and_shows_it_masked(
 
 
 async def test_a_dead_letters_page_shows_the_request_masked_and_its_failures(
-    operator_page: Page, letters: Letters,
+    operator_page: Page, letters: Letters, tmp_path: Path,
 ) -> None:
     page = operator_page
     await filter_by(page, "userId", letters.user_b)
@@ -298,7 +302,7 @@ async def test_a_dead_letters_page_shows_the_request_masked_and_its_failures(
     assert letters.community_b in text  # not personal data: shown as it is
     assert "test trigger refuses" in text and "first failure" in text and "last failure" in text
     assert "GET /api/external/requests/" in text and "failed" in text  # its status now, and the link
-    await screenshot(page, "console-detail.png")
+    await screenshot(page, "console-detail.png", tmp_path)
 
 
 async def test_an_operator_may_reveal_one_letter_and_the_reveal_is_audited(
@@ -319,6 +323,7 @@ async def test_an_operator_may_reveal_one_letter_and_the_reveal_is_audited(
 
 async def test_dry_run_then_replay_all_matching_shows_the_plan_the_count_and_the_outcomes(
     operator_page: Page, letters: Letters, console_stack: Stack, db: asyncpg.Pool, http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
     await letters.poison.drop()  # the cause is fixed
     # A newer write for user A: its name must survive the replay (the stamps decide).
@@ -334,7 +339,7 @@ async def test_dry_run_then_replay_all_matching_shows_the_plan_the_count_and_the
     assert "a newer write holds name (kept)" in plan
     assert "sets" in plan and masked(letters.phone_a) in plan and letters.phone_a not in plan
     assert "nickname=小张" in plan
-    await screenshot(page, "console-dry-run.png")
+    await screenshot(page, "console-dry-run.png", tmp_path)
     assert await fetch_customer(db, letters.user_a) is not None
     assert (await fetch_customer(db, letters.user_a) or {})["phone"] is None  # the dry run changed nothing
 
