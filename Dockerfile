@@ -30,6 +30,7 @@ COPY README.md ./
 COPY shared/ shared/
 COPY gateway/ gateway/
 COPY worker/ worker/
+COPY console/ console/
 RUN pip install --no-deps . \
     && cd / && rm -rf /src
 

@@ -791,6 +791,13 @@ def test_compose_console_uses_the_replay_role_and_user_on_loopback_with_keys() -
     assert {"CONSOLE_KEYS", "CONSOLE_KEYS_FILE"} <= console["environment"].keys()
 
 
+def test_the_image_has_the_console_package() -> None:
+    """compose's console service runs the app image: the package (with its templates and htmx) must be in it."""
+    copied = [line.split()[1] for line in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+              if line.startswith("COPY ")]
+    assert "console/" in copied
+
+
 def test_the_console_ships_htmx_and_loads_nothing_from_elsewhere() -> None:
     static = ROOT / "console" / "static"
     assert (static / "htmx.min.js").read_text(encoding="utf-8").startswith("var htmx=")
