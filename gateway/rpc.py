@@ -28,7 +28,7 @@ from aio_pika.abc import (
 from aiohttp import web
 
 from gateway.metrics import GatewayMetrics
-from shared.brokers import connect_robust
+from shared.brokers import ChannelRecycler, connect_robust
 from shared.envelope import Outcome, RequestEnvelope, decode_reply, encode_pack
 from shared.errors import ServiceUnavailable
 from shared.settings import CONNECT_TIMEOUT, Settings
@@ -86,6 +86,7 @@ class RpcClient:
         self.reply_queue: AbstractQueue | None = None
         self.pending: dict[str, asyncio.Future[Outcome]] = {}
         self._shards = [_Shard() for _ in range(settings.shard_count)]
+        self._recyclers = [ChannelRecycler() for _ in range(settings.shard_count)]
         self._flush_tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._reply_tag: str | None = None
@@ -191,14 +192,16 @@ class RpcClient:
                 try:
                     await self._publish_pack(shard_index, [item.envelope for item in batch])
                 except Exception as exc:
-                    # Sent or not, unconfirmed: 503 (docs/api.md: retry with the same Idempotency-Key). A nack is the
-                    # bounded shard queue refusing it (x-overflow reject-publish): surely not accepted.
+                    # Sent or not, unconfirmed: 503 (docs/api.md: retry with the same Idempotency-Key). A nack is a
+                    # refusal, surely not accepted: the bounded shard queue is full (x-overflow reject-publish), or
+                    # the channel is stuck refusing a queue whose leader moved (shared.brokers.ChannelRecycler).
                     self.metrics.count_publish(confirmed=False)
                     rejected = isinstance(exc, aio_pika.exceptions.DeliveryError) and not isinstance(
                         exc, aio_pika.exceptions.PublishError)  # PublishError: returned unroutable, not a nack
-                    reason = QUEUE_FULL if rejected else BROKER_BLOCKED if self.blocked else BROKER_DOWN
+                    full = rejected and await self._queue_full(shard_index)
+                    reason = QUEUE_FULL if full else BROKER_BLOCKED if self.blocked else BROKER_DOWN
                     log.warning("publish of %d requests %s: %s", len(batch),
-                                "refused (queue full)" if rejected else "failed", exc)
+                                "refused (queue full)" if full else "refused" if rejected else "failed", exc)
                     for item in batch:
                         if not item.confirmed.done():
                             item.confirmed.set_exception(ServiceUnavailable(reason))
@@ -229,6 +232,16 @@ class RpcClient:
                     aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
                     routing_key=ALARM_PROBE_KEY, mandatory=False, timeout=ALARM_PROBE_INTERVAL,
                 )
+
+    async def _queue_full(self, shard_index: int) -> bool:
+        """After a nack: is the shard queue full? If not, its channel is reopened (``ChannelRecycler``)."""
+        if self.channel is None or self.channel.is_closed:
+            return False
+        try:
+            return await self._recyclers[shard_index].after_nack(
+                self.channel, self.topology.shard_queue(shard_index), self.topology.max_length)
+        except Exception:  # the channel went away meanwhile: not "full"
+            return False
 
     async def _answer_blocked(self) -> None:
         """Once the connection is known to be blocked (an alarm), answer 503 for every request still waiting for

@@ -23,6 +23,8 @@ availability").
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import urllib.parse
@@ -31,12 +33,14 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import aio_pika
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
 from shared.masking import mask_url
+
+log = logging.getLogger("brokers")
 
 # Between two rounds over the whole list when no node answered (aio-pika's default is 5 s: too long for the
 # "answer within 10 s of a node loss" goal; one round is already one attempt per node).
@@ -164,3 +168,46 @@ async def connect_once(amqp_url: str, *, attempt_timeout: float, identity: str |
     if len(failures) == 1:
         raise failures[0][1]
     raise NodesUnreachable(failures)
+
+
+# ---- a channel that keeps refusing -------------------------------------------------------------------------
+
+# At most one recycle per channel in this many seconds: a queue that really is full nacks every publish.
+RECYCLE_INTERVAL: Final = 2.0
+
+
+class ChannelRecycler:
+    """Reopens a publishing channel that the broker keeps refusing for no reason of the queue's.
+
+    Seen on RabbitMQ 3.10 (tests/test_high_availability.py): when a channel's first publish to a quorum queue
+    comes while that queue's leader node is down, the broker nacks every later publish on that channel to that
+    queue — for a minute and more, long after a new leader was elected — while a fresh channel gets confirms
+    within seconds. So after a nack the queue is looked at (a passive declare: its message count): below its
+    bound, the nack was not "queue full", and the underlying channel is closed; aio-pika's robust channel opens a
+    new one (what it does after any channel error), and the next publish goes out on it.
+    """
+
+    def __init__(self) -> None:
+        self._last = -RECYCLE_INTERVAL
+        self._full = False
+
+    async def after_nack(self, channel: AbstractChannel, queue: str, max_length: int) -> bool:
+        """Call after a publish to ``queue`` was nacked; True when the queue is full (the nack's usual meaning).
+        Within RECYCLE_INTERVAL of the last look, the last verdict stands."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last < RECYCLE_INTERVAL:
+            return self._full
+        self._last = loop.time()
+        self._full = False
+        underlying = await channel.get_underlay_channel()
+        try:
+            declared = await underlying.queue_declare(queue, passive=True)
+            self._full = (declared.message_count or 0) >= max_length
+        except Exception:  # cannot look: reopening the channel is the safe side
+            pass
+        if self._full:
+            return True
+        log.warning("publishes to %s are refused though it is not full: reopening the channel", queue)
+        with contextlib.suppress(Exception):
+            await underlying.close()
+        return False

@@ -14,6 +14,7 @@ and ack every pack whose requests are all settled. Error policy (``shared.errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -28,6 +29,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import ValidationError
 
+from shared.brokers import ChannelRecycler
 from shared.clock.timeline import Timeline
 from shared.envelope import Outcome, RequestEnvelope, decode_pack, encode_reply
 from shared.errors import PermanentError, is_transient
@@ -82,6 +84,8 @@ class WorkItem:
 SUSPECT_BATCH_AFTER = 3
 # Seconds between two log lines about requests stamped in the future (each is counted).
 FUTURE_STAMP_LOG_INTERVAL = 10.0
+# The dead-letter queue has no bound: a nack there is never "full" (ChannelRecycler reopens the channel).
+DEAD_LETTER_QUEUE_NEVER_FULL = 2**62
 # Quick retries of a lone request that hit a conflict (unique violation, deadlock) before it counts as failing.
 RACE_RETRIES = 3
 
@@ -110,6 +114,7 @@ class Consumer:
     unsettled: set[Delivery] = field(default_factory=set)
     _retry_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _dead_letter_recycler: ChannelRecycler = field(default_factory=ChannelRecycler)
     future_stamps: int = 0
     _future_stamps_logged_at: float = -FUTURE_STAMP_LOG_INTERVAL
 
@@ -311,6 +316,10 @@ class Consumer:
             except Exception as publish_error:  # broker trouble: the item stays unacked until it works
                 log.warning("dead-lettering %s failed (%s); retrying", item.request_id, publish_error,
                             extra={"request_id": item.request_id})
+                if isinstance(publish_error, aio_pika.exceptions.DeliveryError):  # nacked: maybe a stuck channel
+                    with contextlib.suppress(Exception):
+                        await self._dead_letter_recycler.after_nack(
+                            self.publish_channel, self.topology.dead_letter_queue, DEAD_LETTER_QUEUE_NEVER_FULL)
                 await asyncio.sleep(1.0)
         log.error("request %s dead-lettered after %d attempts: %s", item.request_id, item.attempts, exc,
                   extra={"request_id": item.request_id})
