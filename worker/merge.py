@@ -10,17 +10,21 @@ Rules (spec + per-field stamps):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from shared.model import CREATE_DEFAULTS
 
-# Every stored column a request can set, in table order (user_id is the key, not a field).
-FIELDS: tuple[str, ...] = (
-    "bot_id", "nickname", "name", "phone", "backup_phone", "wechat", "status", "community",
-    "business_type", "room_type", "room_tags", "move_in_date", "lease_period", "price_range",
-    "source_channel", "creator", "internal_notes",
-)
+# Every stored column a request can set, in table order, with its SQL type: the worker's SQL names its columns
+# from here (worker/repository.py). user_id is the key, not a field.
+FIELD_TYPES: Final[Mapping[str, str]] = {
+    "bot_id": "text", "nickname": "text", "name": "text", "phone": "text", "backup_phone": "text", "wechat": "text",
+    "status": "smallint", "community": "text", "business_type": "text", "room_type": "text", "room_tags": "jsonb",
+    "move_in_date": "date", "lease_period": "integer", "price_range": "text", "source_channel": "text",
+    "creator": "text", "internal_notes": "text",
+}
+FIELDS: tuple[str, ...] = tuple(FIELD_TYPES)
 
 
 @dataclass

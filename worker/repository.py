@@ -21,7 +21,7 @@ import orjson
 
 from shared.envelope import Outcome, OutcomeStatus, RequestEnvelope
 from shared.model import CustomerIn, wire_name
-from worker.merge import FIELDS, CustomerState
+from worker.merge import FIELD_TYPES, FIELDS, CustomerState
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -71,11 +71,15 @@ SELECT pg_advisory_xact_lock(k)
 FROM (SELECT DISTINCT hashtextextended(u, 0) AS k FROM unnest($1::text[]) AS u ORDER BY k) AS keys
 """
 
+# The customers columns a request can set, said once (worker.merge.FIELD_TYPES): the statements below name them
+# through these, so a new field is added in one place.
+_FIELDS = ", ".join(FIELDS)
+_FIELDS_TYPED = ", ".join(f"{name} {sql_type}" for name, sql_type in FIELD_TYPES.items())
+_FIELDS_FROM_INCOMING = ",\n        ".join(f"{name} = EXCLUDED.{name}" for name in FIELDS)
+
 # The batch's customers ($1) and whoever owns one of its phones ($2), in one read.
-SELECT_CUSTOMERS_AND_PHONE_OWNERS = """
-SELECT id, user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-       room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
-       internal_notes, field_stamps
+SELECT_CUSTOMERS_AND_PHONE_OWNERS = f"""
+SELECT id, user_id, {_FIELDS}, field_stamps
 FROM customers WHERE user_id = ANY($1::text[]) OR phone = ANY($2::text[])
 """
 
@@ -100,40 +104,13 @@ FROM processed_requests WHERE idempotency_key = ANY($1::text[])
 # overwrite changed ones" one statement. The outcomes go into processed_requests in the same statement,
 # taking the ids of new customers from the upsert's RETURNING. Rows travel as one JSON array per table
 # (json_to_recordset): one parameter to encode instead of one array per column, cheaper on both sides.
-WRITE_BATCH = """
+WRITE_BATCH = f"""
 WITH upserted AS (
-    INSERT INTO customers AS c (
-        user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-        room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
-        internal_notes, field_stamps
-    )
-    SELECT user_id, bot_id, nickname, name, phone, backup_phone, wechat, status, community, business_type,
-           room_type, room_tags, move_in_date, lease_period, price_range, source_channel, creator,
-           internal_notes, field_stamps
-    FROM json_to_recordset($1::json) AS incoming (
-        user_id text, bot_id text, nickname text, name text, phone text, backup_phone text, wechat text,
-        status smallint, community text, business_type text, room_type text, room_tags jsonb, move_in_date date,
-        lease_period integer, price_range text, source_channel text, creator text, internal_notes text,
-        field_stamps jsonb
-    )
+    INSERT INTO customers AS c (user_id, {_FIELDS}, field_stamps)
+    SELECT user_id, {_FIELDS}, field_stamps
+    FROM json_to_recordset($1::json) AS incoming (user_id text, {_FIELDS_TYPED}, field_stamps jsonb)
     ON CONFLICT (user_id) DO UPDATE SET
-        bot_id = EXCLUDED.bot_id,
-        nickname = EXCLUDED.nickname,
-        name = EXCLUDED.name,
-        phone = EXCLUDED.phone,
-        backup_phone = EXCLUDED.backup_phone,
-        wechat = EXCLUDED.wechat,
-        status = EXCLUDED.status,
-        community = EXCLUDED.community,
-        business_type = EXCLUDED.business_type,
-        room_type = EXCLUDED.room_type,
-        room_tags = EXCLUDED.room_tags,
-        move_in_date = EXCLUDED.move_in_date,
-        lease_period = EXCLUDED.lease_period,
-        price_range = EXCLUDED.price_range,
-        source_channel = EXCLUDED.source_channel,
-        creator = EXCLUDED.creator,
-        internal_notes = EXCLUDED.internal_notes,
+        {_FIELDS_FROM_INCOMING},
         field_stamps = EXCLUDED.field_stamps,
         updated_at = now()
     RETURNING id, user_id
