@@ -18,6 +18,7 @@ matches now, nothing is done (409).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -130,40 +131,44 @@ def _report_answer(report: Report) -> dict[str, Any]:
                          "detail": r.detail} for r in report.results]}
 
 
-@operator
-async def replay(request: web.Request) -> web.StreamResponse:
+async def _answer_action(
+    request: web.Request, action: Callable[[dict[str, Any]], Awaitable[Any]]
+) -> web.StreamResponse:
+    """Run a replay or drop on the request's JSON body: its answer, or 400 (a bad selection) / 409 (the matching
+    letters changed since the dry run the confirmation names)."""
     try:
-        body = await _body(request)
-        letter_filter, ids = _selection(body)
-        force, confirmed = body.get("force") is True, _confirmed(body)
-        if body.get("dryRun") is True:
-            return answer(_dry_run_answer(await _desk(request).dry_run(letter_filter, force=force, ids=ids)))
-        report = await _desk(request).replay(letter_filter, ids=ids, force=force, confirmed=confirmed,
-                                             actor=request[VISITOR].name or "-")
+        return answer(await action(await _body(request)))
     except BadQuery as exc:
         return refuse(request, 400, str(exc))
     except Changed as exc:
         return refuse(request, 409, str(exc))
-    return answer(_report_answer(report))
+
+
+@operator
+async def replay(request: web.Request) -> web.StreamResponse:
+    async def act(body: dict[str, Any]) -> dict[str, Any]:
+        letter_filter, ids = _selection(body)
+        force = body.get("force") is True
+        if body.get("dryRun") is True:
+            return _dry_run_answer(await _desk(request).dry_run(letter_filter, force=force, ids=ids))
+        return _report_answer(await _desk(request).replay(
+            letter_filter, ids=ids, force=force, confirmed=_confirmed(body), actor=request[VISITOR].name or "-"))
+
+    return await _answer_action(request, act)
 
 
 @operator
 async def drop(request: web.Request) -> web.StreamResponse:
-    try:
-        body = await _body(request)
+    async def act(body: dict[str, Any]) -> dict[str, Any]:
         letter_filter, ids = _selection(body)
-        confirmed = _confirmed(body)
         if body.get("dryRun") is True:
-            return answer(_dry_run_answer(await _desk(request).dry_run(letter_filter, force=False, ids=ids)))
+            return _dry_run_answer(await _desk(request).dry_run(letter_filter, force=False, ids=ids))
         why = body.get("reason")
-        report = await _desk(request).drop(letter_filter, ids=ids, confirmed=confirmed,
-                                           why=why if isinstance(why, str) else "",
-                                           actor=request[VISITOR].name or "-")
-    except BadQuery as exc:
-        return refuse(request, 400, str(exc))
-    except Changed as exc:
-        return refuse(request, 409, str(exc))
-    return answer(_report_answer(report))
+        return _report_answer(await _desk(request).drop(
+            letter_filter, ids=ids, confirmed=_confirmed(body), why=why if isinstance(why, str) else "",
+            actor=request[VISITOR].name or "-"))
+
+    return await _answer_action(request, act)
 
 
 @viewer

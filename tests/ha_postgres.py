@@ -18,7 +18,6 @@ test, saying why. The methods block: from async code call them through ``asyncio
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import glob
 import os
@@ -28,13 +27,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
-
-import pytest
 
 from bench.stack import free_port
 from tests.ha_rabbit import as_user, kill_session, pid_alive
+from tests.native_fixture import NativeFixture
 
 PG_USER = "postgres"
 PG_VERSION = "15"
@@ -166,7 +162,7 @@ def run_as_postgres(command: list[str], *, cwd: Path, env: dict[str, str] | None
     return result
 
 
-class PostgresPair:
+class PostgresPair(NativeFixture):
     """A PostgreSQL primary and its synchronous standby on this machine; a sync or async context manager.
 
     ``clock_offset_seconds``: the standby's wall clock is shifted by that much (libfaketime; monotonic clock
@@ -182,35 +178,8 @@ class PostgresPair:
 
     # --- life cycle -------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        reason = postgres_unavailable(self.clock_offset_seconds)
-        if reason is not None:
-            pytest.skip(reason)
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        reason = postgres_unavailable(self.clock_offset_seconds)
-        if reason is not None:
-            pytest.skip(reason)
-        try:
-            await asyncio.to_thread(self.build)
-        except BaseException:
-            await asyncio.to_thread(self.close)
-            raise
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await asyncio.to_thread(self.close)
+    def unavailable(self) -> str | None:
+        return postgres_unavailable(self.clock_offset_seconds)
 
     def build(self) -> None:
         """initdb and start the primary, base-backup and start the standby, wait until it is synchronous."""

@@ -16,7 +16,6 @@ The methods block (they run ``rabbitmqctl``): from async code call them through 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -30,12 +29,10 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
-
-import pytest
+from typing import Any
 
 from bench.stack import free_port
+from tests.native_fixture import NativeFixture
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_USER = "rabbitmq"
@@ -230,7 +227,7 @@ class RabbitNode:
         return "\n".join(texts)
 
 
-class RabbitCluster:
+class RabbitCluster(NativeFixture):
     """N extra RabbitMQ nodes clustered together on this machine; a sync or async context manager.
 
     ``extra_config`` is appended to every node's ``rabbitmq.conf`` (e.g. ``cluster_partition_handling =
@@ -250,35 +247,8 @@ class RabbitCluster:
 
     # --- life cycle -------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        reason = rabbitmq_unavailable()
-        if reason is not None:
-            pytest.skip(reason)
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        reason = rabbitmq_unavailable()
-        if reason is not None:
-            pytest.skip(reason)
-        try:
-            await asyncio.to_thread(self.build)
-        except BaseException:
-            await asyncio.to_thread(self.close)
-            raise
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await asyncio.to_thread(self.close)
+    def unavailable(self) -> str | None:
+        return rabbitmq_unavailable()
 
     def build(self) -> None:
         """Start every node at once, join nodes 2..N to node 1, wait until all run in one cluster."""
