@@ -96,7 +96,7 @@ def _connections(settings: Settings) -> Callable[[web.Application], AsyncIterato
                     # on_return_raises: an unroutable replay is an error, and its dead letter stays.
                     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                     await Topology.from_settings(settings).check_against_broker(channel)
-                app[DESK] = Desk(settings, pool, channel)  # the API reads it too (request.config_dict)
+                app[DESK] = Desk(settings, pool, connection, channel)  # the API reads it too (request.config_dict)
                 yield
             finally:
                 await connection.close()

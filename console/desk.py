@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiohttp import web
 
 from shared.clock.stamps import HybridClock
@@ -108,10 +108,12 @@ class DryRun:
 
 
 class Desk:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, channel: AbstractChannel) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, connection: AbstractConnection,
+                 channel: AbstractChannel) -> None:
         self.settings = settings
         self.pool = pool
-        self.channel = channel
+        self.connection = connection  # moves open a channel of their own (dead_letters.move_from_queue)
+        self.channel = channel  # replays publish on this one (publisher confirms, returns raise)
         self.topology = Topology.from_settings(settings)
         # One move, replay or drop at a time: they share the channel, and a replay must not race a drop.
         self.lock = asyncio.Lock()
@@ -119,7 +121,7 @@ class Desk:
     async def refresh(self) -> int:
         """Move what waits in the dead-letter queue into PostgreSQL; return how many were moved."""
         async with self.lock, self.pool.acquire() as conn:
-            return await dead_letters.move_from_queue(self.channel, conn, self.topology)
+            return await dead_letters.move_from_queue(self.connection, conn, self.topology)
 
     async def browse(self, letter_filter: LetterFilter, page: int) -> LetterPage:
         """A page of matching dead letters, newest first, with how many match in all."""

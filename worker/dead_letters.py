@@ -32,7 +32,7 @@ from typing import Any, Literal
 import aio_pika
 import asyncpg
 import orjson
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
 
 from shared.cli import starting
@@ -213,25 +213,45 @@ def fingerprint(body: bytes, headers: dict[str, Any]) -> str:
     return hashlib.sha256(body + b"\0" + orjson.dumps(headers, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-async def move_from_queue(channel: AbstractChannel, conn: asyncpg.Connection, topology: Topology) -> int:
+# How long a move waits for the dead-letter queue to have a leader again: a quorum queue whose leader node just
+# died answers a get with "INTERNAL_ERROR ... nodedown" until the others elect a new one (a few seconds).
+LEADER_WAIT = 30.0
+LEADER_RETRY_PAUSE = 0.5
+
+
+async def move_from_queue(connection: AbstractConnection, conn: asyncpg.Connection, topology: Topology) -> int:
     """Move every message of the dead-letter queue into ``dead_letters``; return how many were moved.
 
     Each message is acked only after its row is committed: a crash in between leaves it in the queue, and the
-    next move stores it once (ON CONFLICT on its fingerprint).
+    next move stores it once (ON CONFLICT on its fingerprint). The gets run on a channel of their own, so a
+    queue without a leader (its node just died) closes only that channel: the move waits for the new leader
+    (``LEADER_WAIT``) on a fresh one.
     """
-    queue = await topology.declare_dead_letter_queue(channel)
     moved = 0
-    while (message := await queue.get(no_ack=False, fail=False)) is not None:
-        # x-delivery-count belongs to this one delivery (a quorum queue adds it), not to the dead letter.
-        headers = plain_headers({k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"})
-        letter = DeadLetter.read(0, message.body, headers)
-        await insert_dead_letter(
-            conn, queue=topology.dead_letter_queue, fingerprint=fingerprint(message.body, headers),
-            request_id=letter.request_id, user_id=letter.user_id, reason=letter.reason, headers=headers,
-            body=message.body, **letter.search_columns())
-        await message.ack()
-        moved += 1
-    return moved
+    deadline = asyncio.get_running_loop().time() + LEADER_WAIT
+    while True:
+        try:
+            async with connection.channel() as channel:
+                queue = await topology.declare_dead_letter_queue(channel)
+                while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                    await _store(conn, topology, message)
+                    await message.ack()
+                    moved += 1
+                return moved
+        except aio_pika.exceptions.ConnectionClosed as exc:  # 541 INTERNAL_ERROR: it closes the channel only
+            if "nodedown" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(LEADER_RETRY_PAUSE)
+
+
+async def _store(conn: asyncpg.Connection, topology: Topology, message: AbstractIncomingMessage) -> None:
+    # x-delivery-count belongs to this one delivery (a quorum queue adds it), not to the dead letter.
+    headers = plain_headers({k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"})
+    letter = DeadLetter.read(0, message.body, headers)
+    await insert_dead_letter(
+        conn, queue=topology.dead_letter_queue, fingerprint=fingerprint(message.body, headers),
+        request_id=letter.request_id, user_id=letter.user_id, reason=letter.reason, headers=headers,
+        body=message.body, **letter.search_columns())
 
 
 async def stored(conn: asyncpg.Connection, topology: Topology, letter_filter: LetterFilter | None = None, *,

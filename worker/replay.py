@@ -93,8 +93,8 @@ class DeadLetterSession:
 
     async def select(self, letter_filter: LetterFilter, limit: int | None = None) -> list[DeadLetter]:
         """The matching dead letters, oldest first, after moving the queue's into the table."""
-        assert self.channel is not None and self.conn is not None
-        await dead_letters.move_from_queue(self.channel, self.conn, self.topology)
+        assert self.connection is not None and self.conn is not None
+        await dead_letters.move_from_queue(self.connection, self.conn, self.topology)
         return await dead_letters.stored(self.conn, self.topology, letter_filter, limit=limit)
 
     async def total(self) -> int:
