@@ -58,6 +58,7 @@ class Options:
     drain_timeout: float = 120.0
     keep_logs: bool = False
     profile: bool = False
+    profile_format: str = "flamegraph"
 
 
 # --- one load generator run ---------------------------------------------------------------------------------
@@ -283,7 +284,9 @@ def print_cpu_per_request(cpu: dict[str, dict[str, float]]) -> None:
 async def profile(stack: BenchStack, options: Options, run_id: str) -> list[str]:
     """One more pipeline run with py-spy sampling the gateway and every worker (200 Hz): where the time goes.
 
-    Writes one flame graph (SVG) per process to bench/results; py-spy comes from PyPI (`pip install py-spy`)."""
+    Writes one flame graph (SVG) per process to bench/results — or, with ``--profile-format raw``, collapsed stacks
+    (one line per stack and its sample count: grep-able, and what ``bench/hotspots.py`` summarises); py-spy comes
+    from PyPI (`pip install py-spy`)."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("\nprofile: py-spy not found (pip install py-spy); skipped", flush=True)
@@ -294,11 +297,12 @@ async def profile(stack: BenchStack, options: Options, run_id: str) -> list[str]
     recorders = []
     for name, server in targets:
         assert server is not None
-        output = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}-{name}.svg"
+        suffix = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[options.profile_format]
+        output = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}-{name}.{suffix}"
         recorders.append(await asyncio.create_subprocess_exec(
             spy, "record", "--pid", str(server.pid), "--rate", "200", "--duration", str(int(options.duration)),
-            "--nonblocking", "--output", str(output), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL))
+            "--nonblocking", "--format", options.profile_format, "--output", str(output),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
         outputs.append(str(output))
     print(f"\nprofile: {options.duration:g}s pipeline run under py-spy", flush=True)
     result = await measured_run(stack, options, "pipeline", mode="steady", tag="profile", seed=99,
@@ -306,7 +310,7 @@ async def profile(stack: BenchStack, options: Options, run_id: str) -> list[str]
     print(run_row("profile", result), flush=True)
     for recorder, written in zip(recorders, outputs, strict=True):
         code = await recorder.wait()
-        print(f"  flame graph: {written}" if code == 0 else f"  py-spy failed ({code}); no profile: {written}")
+        print(f"  profile: {written}" if code == 0 else f"  py-spy failed ({code}); no profile: {written}")
     return outputs
 
 
@@ -459,6 +463,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--profile", action="store_true",
                         help="also profile gateway and workers with py-spy during one pipeline run (flame graphs "
                              "in bench/results)")
+    parser.add_argument("--profile-format", choices=["flamegraph", "raw", "speedscope"], default="flamegraph",
+                        help="py-spy's output format: flamegraph (SVG), raw (collapsed stacks), speedscope (JSON)")
     args = parser.parse_args(argv)
     return Options(**vars(args))
 
