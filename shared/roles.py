@@ -47,10 +47,10 @@ ROLES_LOCK_ID: Final = 0x63726D2D726F6C65
 # Table privileges per component: every statement the process runs, and nothing more.
 TABLE_GRANTS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
     "worker": {
-        # worker/repository.py: SELECT_CUSTOMERS_AND_PHONE_OWNERS; WRITE_BATCH's INSERT ... ON CONFLICT DO UPDATE
+        # worker/repository.py: SELECT_BATCH_STATE; WRITE_BATCH's INSERT ... ON CONFLICT DO UPDATE
         # (which also needs SELECT). Customers are never deleted.
         "customers": ("SELECT", "INSERT", "UPDATE"),
-        # SELECT_PROCESSED / SELECT_IDEMPOTENCY_KEYS, WRITE_BATCH's INSERT, EXPIRE_IDEMPOTENCY_KEYS' UPDATE,
+        # SELECT_BATCH_STATE / SELECT_IDEMPOTENCY_KEYS, WRITE_BATCH's INSERT, EXPIRE_IDEMPOTENCY_KEYS' UPDATE,
         # DELETE_EXPIRED_PROCESSED (the retention cleanup).
         "processed_requests": ("SELECT", "INSERT", "UPDATE", "DELETE"),
         # RECORD_FAILURE's upsert (SELECT for ON CONFLICT), DELETE_EXPIRED_FAILED.
