@@ -3,10 +3,11 @@
     python -m bench.hotspots bench/results/<time>-<id>-gateway.txt [--top 25] [--match TEXT] [--us-per-request N]
 
 Prints, per function (``name (file)``), the share of samples in which it is on the stack (inclusive) and at
-the top of the stack (self), highest inclusive first. ``--match`` keeps only functions whose name or file
-contains TEXT. Then the self samples per package (``aiohttp``, ``aiormq``, ``pydantic``, ``gateway``...): given
-the process's CPU µs per request (``make bench`` prints it), ``--us-per-request`` turns the shares into µs. py-spy records only busy samples (without ``--idle``), so the shares are of the time the process
-was on a CPU or in a system call.
+the top of the stack (self), highest inclusive first; ``--match`` keeps only functions whose name or file
+contains TEXT. Then the self samples per package (``aiohttp``, ``aiormq``, ``gateway``...); given the
+process's CPU µs per request (``make bench`` prints it), ``--us-per-request`` turns those shares into µs.
+py-spy records only busy samples (without ``--idle``): the shares are of the time the process was on a CPU
+or in a system call.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.stack import (
     BenchStack,
@@ -167,16 +169,63 @@ async def measured_run(stack: BenchStack, options: Options, target: str, *, mode
                        connections: int, duration: float = 0.0, requests: int = 0) -> dict[str, Any]:
     await stack.reset_data()
     url = stack.gateway_url if target == "pipeline" else stack.baseline_url
-    meter = CpuMeter(stack)
+    meter, packing = CpuMeter(stack), PackingMeter(stack)
+    if target == "pipeline":
+        await packing.begin()
     await meter.begin()
     result = await run_loadgen(url, options, mode=mode, tag=tag, seed=seed, connections=connections,
                                duration=duration, requests=requests)
     result["cpu_pct"] = await meter.end()
+    if target == "pipeline":
+        result["packing"] = await packing.end()
     result["target"] = target
     if target == "pipeline" and result["accepted"]:
         result["drain"] = await wait_drained(stack, options.drain_timeout)  # 202s still in the queue
     stack.check_alive()
     return result
+
+
+class PackingMeter:
+    """How many requests travelled together during one pipeline run: the mean gateway pack (requests per AMQP
+    message) and worker batch (requests per transaction), from the differences of the processes' own histograms
+    (``crm_gateway_pack_size``, ``crm_worker_batch_size``). Per-message and per-transaction costs are divided by
+    these: they are what the CPU per request depends on most."""
+
+    SERIES: Final = {"pack": "crm_gateway_pack_size", "batch": "crm_worker_batch_size"}
+
+    def __init__(self, stack: BenchStack) -> None:
+        self.stack = stack
+        self.start: dict[str, tuple[float, float]] = {}
+
+    async def _totals(self) -> dict[str, tuple[float, float]]:
+        sums = dict.fromkeys(self.SERIES, (0.0, 0.0))
+        async with aiohttp.ClientSession() as http:
+            for url in self.stack.pipeline_metrics_urls():
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+                        text = await response.text()
+                    for family in text_string_to_metric_families(text):
+                        for key, name in self.SERIES.items():
+                            if family.name != name:
+                                continue
+                            total, count = sums[key]
+                            for sample in family.samples:
+                                if sample.name == f"{name}_sum":
+                                    total += sample.value
+                                elif sample.name == f"{name}_count":
+                                    count += sample.value
+                            sums[key] = (total, count)
+        return sums
+
+    async def begin(self) -> None:
+        self.start = await self._totals()
+
+    async def end(self) -> dict[str, float]:
+        means: dict[str, float] = {}
+        for key, (total, count) in (await self._totals()).items():
+            before_total, before_count = self.start.get(key, (0.0, 0.0))
+            means[key] = round((total - before_total) / max(count - before_count, 1), 1)
+        return means
 
 
 # --- the benchmark parts ------------------------------------------------------------------------------------
@@ -190,12 +239,13 @@ def run_row(label: str, result: dict[str, Any]) -> str:
         f"gw {cpu['gateway']:>3.0f} wk {cpu['workers']:>3.0f} base {cpu['baseline']:>3.0f} "
         f"pg {cpu['postgres']:>3.0f} mq {cpu['rabbitmq']:>3.0f} client {result['client_cpu_pct']:>3.0f} "
         f"machine {cpu['machine_cores']:.2f}"
+        + (f" | pack {result['packing']['pack']:g} batch {result['packing']['batch']:g}" if "packing" in result else "")
     )
 
 
 HEADER = (
     f"{'run':<8} {'target':<9} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'2xx':>7} {'202':>5} "
-    f"{'errors':>6} | CPU % of one core (machine: cores busy)"
+    f"{'errors':>6} | CPU % of one core (machine: cores busy) | mean requests per pack / per batch"
 )
 
 

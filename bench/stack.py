@@ -105,6 +105,7 @@ class Server:
 
     def __init__(self, name: str, module: str, env: dict[str, str], log_path: Path) -> None:
         self.name = name
+        self.env = env
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         # start_new_session: Ctrl-C in the terminal reaches only us; we stop the servers in order.
@@ -240,6 +241,11 @@ class BenchStack:
         self.baseline_url = f"http://127.0.0.1:{port}"
         await wait_http_ok(self.gateway, f"{self.gateway_url}/healthz")
         await wait_http_ok(self.baseline, f"{self.baseline_url}/healthz")
+
+    def pipeline_metrics_urls(self) -> list[str]:
+        """The Prometheus endpoints of the pipeline: the gateway's /metrics and each worker's METRICS_PORT."""
+        urls = [f"{self.gateway_url}/metrics"] if self.gateway else []
+        return urls + [f"http://127.0.0.1:{worker.env['METRICS_PORT']}/metrics" for worker in self.workers]
 
     def pipeline_pids(self) -> dict[str, int]:
         pids = {"gateway": self.gateway.pid} if self.gateway else {}
