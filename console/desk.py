@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiohttp import web
 
 from shared.clock.stamps import HybridClock
-from shared.settings import Settings
+from shared.settings import CONNECT_TIMEOUT, Settings
 from shared.topology import Topology
 from worker import dead_letters
 from worker.dead_letters import DeadLetter, LetterFilter, Report, RequestPlan, RequestStatus
@@ -121,7 +121,12 @@ class Desk:
     async def refresh(self) -> int:
         """Move what waits in the dead-letter queue into PostgreSQL; return how many were moved."""
         async with self.lock, self.pool.acquire() as conn:
-            return await dead_letters.move_from_queue(self.connection, conn, self.topology)
+            return await dead_letters.move_from_queue(self._connected, conn, self.topology)
+
+    async def _connected(self) -> AbstractConnection:
+        """The robust connection once it is (re)connected: it reconnects by itself after the broker closed it."""
+        await asyncio.wait_for(self.connection.ready(), timeout=CONNECT_TIMEOUT)
+        return self.connection
 
     async def browse(self, letter_filter: LetterFilter, page: int) -> LetterPage:
         """A page of matching dead letters, newest first, with how many match in all."""

@@ -17,13 +17,14 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiormq.exceptions import ConnectionInternalError
 
 from shared.clock.stamps import HybridClock
 from shared.envelope import RequestEnvelope, encode_pack
@@ -32,8 +33,9 @@ from tests.helpers import api_of as api_of  # re-exported for tests/test_console
 from tests.helpers import applied_customer, assert_error_shape, eventually, fetch_customer, post
 from tests.poison import FAST_RETRIES, MAX_ATTEMPTS, PoisonTrigger
 from tests.support import ROOT, Stack, unique_phone, unique_user
-from worker.dead_letters import plain_headers
+from worker.dead_letters import move_from_queue, plain_headers
 from worker.deadletter import dead_letter_message
+from worker.repository import init_connection
 
 SHARDS = 8  # the test stacks run with 8 shards (tests/support.py)
 UNREACHABLE_AMQP = "amqp://guest:guest@127.0.0.1:1/"
@@ -297,6 +299,66 @@ async def test_listing_removes_and_reorders_nothing(cli_stack: Stack) -> None:
     assert second == expected
     assert text.code == 0 and "12 dead letter(s)" in text.stdout, text
     assert [letter.request_id for letter in await dead_letters(cli_stack)] == expected
+
+
+class LeaderlessFirst:
+    """A ``connected`` provider for ``move_from_queue`` whose first connection is on a node where the dead-letter
+    queue has no leader yet: RabbitMQ answers with the hard error it gives then (541, which closes the whole
+    connection). Later calls connect for real, as the replay tool does after a closed connection."""
+
+    def __init__(self, amqp_url: str, error: str) -> None:
+        self.amqp_url = amqp_url
+        self.error = error
+        self.calls = 0
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+
+    async def __call__(self) -> aio_pika.abc.AbstractConnection:
+        self.calls += 1
+        if self.calls == 1:
+            return cast(aio_pika.abc.AbstractConnection, self)
+        if self.connection is None:
+            self.connection = await aio_pika.connect(self.amqp_url)
+        return self.connection
+
+    def channel(self) -> Any:  # the first connection's channel: its first operation meets the missing leader
+        raise ConnectionInternalError(self.error)
+
+
+LEADERLESS = "INTERNAL_ERROR - Cannot get a message from queue 'queue 'crm.dead' in vhost '/'': nodedown"
+
+
+async def worker_connection(stack: Stack) -> asyncpg.Connection:
+    """A database connection set up as the replay tool's is (jsonb through orjson)."""
+    conn = await asyncpg.connect(stack.database_url)
+    await init_connection(conn)
+    return conn
+
+
+async def test_listing_waits_for_a_dead_letter_queue_without_a_leader(cli_stack: Stack) -> None:
+    envelopes = [envelope_for(unique_user("leaderless"), nickname="x") for _ in range(3)]
+    await publish_dead_letters(cli_stack, envelopes)
+    broker = LeaderlessFirst(cli_stack.amqp_url, LEADERLESS)
+    conn = await worker_connection(cli_stack)
+    try:
+        moved = await move_from_queue(broker, conn, topology_of(cli_stack))
+    finally:
+        await conn.close()
+        if broker.connection is not None:
+            await broker.connection.close()
+
+    assert moved == len(envelopes) and broker.calls == 2
+    assert await listed_ids(cli_stack) == [envelope.request_id for envelope in envelopes]
+
+
+async def test_a_hard_error_other_than_a_missing_leader_is_not_waited_for(cli_stack: Stack) -> None:
+    broker = LeaderlessFirst(cli_stack.amqp_url, "INTERNAL_ERROR - something else broke")
+    conn = await worker_connection(cli_stack)
+    try:
+        with pytest.raises(ConnectionInternalError, match="something else"):
+            await move_from_queue(broker, conn, topology_of(cli_stack))
+    finally:
+        await conn.close()
+    assert broker.calls == 1
 
 
 async def test_list_filters_by_user_reason_and_limit(cli_stack: Stack) -> None:

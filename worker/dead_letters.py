@@ -25,7 +25,8 @@ import copy
 import datetime as dt
 import decimal
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +73,8 @@ from worker.repository import (
     select_dead_letters,
     select_request_statuses,
 )
+
+log = logging.getLogger("worker.dead_letters")
 
 
 @dataclass(eq=False)
@@ -213,24 +216,29 @@ def fingerprint(body: bytes, headers: dict[str, Any]) -> str:
     return hashlib.sha256(body + b"\0" + orjson.dumps(headers, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-# How long a move waits for the dead-letter queue to have a leader again: a quorum queue whose leader node just
-# died answers a get with "INTERNAL_ERROR ... nodedown" until the others elect a new one (a few seconds).
+# How long a move waits for the dead-letter queue to have a leader again: a get from a quorum queue whose leader
+# node just died fails with "INTERNAL_ERROR ... nodedown" — a hard error, RabbitMQ closes the whole connection —
+# until the other members have elected a new leader (a few seconds).
 LEADER_WAIT = 30.0
 LEADER_RETRY_PAUSE = 0.5
 
 
-async def move_from_queue(connection: AbstractConnection, conn: asyncpg.Connection, topology: Topology) -> int:
+async def move_from_queue(connected: Callable[[], Awaitable[AbstractConnection]], conn: asyncpg.Connection,
+                          topology: Topology) -> int:
     """Move every message of the dead-letter queue into ``dead_letters``; return how many were moved.
 
     Each message is acked only after its row is committed: a crash in between leaves it in the queue, and the
-    next move stores it once (ON CONFLICT on its fingerprint). The gets run on a channel of their own, so a
-    queue without a leader (its node just died) closes only that channel: the move waits for the new leader
-    (``LEADER_WAIT``) on a fresh one.
+    next move stores it once (ON CONFLICT on its fingerprint). ``connected`` gives a usable AMQP connection
+    (reconnecting when the last one was closed); the gets run on a channel of their own. After a ``nodedown``
+    (the queue has no leader yet) the move waits for one, reconnecting as needed, for up to ``LEADER_WAIT``.
     """
+    loop = asyncio.get_running_loop()
     moved = 0
-    deadline = asyncio.get_running_loop().time() + LEADER_WAIT
+    deadline = loop.time() + LEADER_WAIT
+    leader_lost = False
     while True:
         try:
+            connection = await connected()
             async with connection.channel() as channel:
                 queue = await topology.declare_dead_letter_queue(channel)
                 while (message := await queue.get(no_ack=False, fail=False)) is not None:
@@ -238,9 +246,12 @@ async def move_from_queue(connection: AbstractConnection, conn: asyncpg.Connecti
                     await message.ack()
                     moved += 1
                 return moved
-        except aio_pika.exceptions.ConnectionClosed as exc:  # 541 INTERNAL_ERROR: it closes the channel only
-            if "nodedown" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            # After a nodedown, the reconnecting that follows may fail too: keep waiting until the deadline.
+            leader_lost = leader_lost or "nodedown" in str(exc)
+            if not leader_lost or loop.time() > deadline:
                 raise
+            log.info("the dead-letter queue has no leader (%s); waiting for the new one", exc)
             await asyncio.sleep(LEADER_RETRY_PAUSE)
 
 

@@ -74,16 +74,29 @@ class DeadLetterSession:
                 self.conn = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT)
                 await init_connection(self.conn)
             with starting("RabbitMQ", self.settings.amqp_url):
-                self.connection = await connect_once(self.settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
-                # on_return_raises: an unroutable re-publish is an error, and its dead letter stays where it is.
-                self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                channel = await self.publishing_channel()
                 # Replays are routed by SHARD_COUNT: it must be the one the workers consume (a mismatch keeps
                 # its own message).
-                await self.topology.check_against_broker(self.channel)
+                await self.topology.check_against_broker(channel)
         except BaseException:
             await self.__aexit__()
             raise
         return self
+
+    async def _connected(self) -> aio_pika.abc.AbstractConnection:
+        """The AMQP connection, made again if the broker closed it (a hard error such as ``nodedown`` closes it)."""
+        if self.connection is None or self.connection.is_closed:
+            self.connection = await connect_once(self.settings.amqp_url, attempt_timeout=CONNECT_TIMEOUT)
+            self.channel = None
+        return self.connection
+
+    async def publishing_channel(self) -> AbstractChannel:
+        """The publishing channel, on a live connection. on_return_raises: an unroutable re-publish is an error,
+        and its dead letter stays where it is."""
+        connection = await self._connected()
+        if self.channel is None or self.channel.is_closed:
+            self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return self.channel
 
     async def __aexit__(self, *exc: object) -> None:
         if self.connection is not None:
@@ -93,8 +106,8 @@ class DeadLetterSession:
 
     async def select(self, letter_filter: LetterFilter, limit: int | None = None) -> list[DeadLetter]:
         """The matching dead letters, oldest first, after moving the queue's into the table."""
-        assert self.connection is not None and self.conn is not None
-        await dead_letters.move_from_queue(self.connection, self.conn, self.topology)
+        assert self.conn is not None
+        await dead_letters.move_from_queue(self._connected, self.conn, self.topology)
         return await dead_letters.stored(self.conn, self.topology, letter_filter, limit=limit)
 
     async def total(self) -> int:
@@ -134,13 +147,13 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     async with DeadLetterSession(settings) as session:
-        assert session.channel is not None and session.conn is not None
+        assert session.conn is not None
         clock = HybridClock()
         if args.force and not args.dry_run:
             clock = await fresh_stamp_clock(settings, session.conn)
         chosen = await session.select(letter_filter(args))
         report = await dead_letters.replay(
-            session.channel, session.conn, session.topology, chosen, force=args.force, clock=clock,
+            await session.publishing_channel(), session.conn, session.topology, chosen, force=args.force, clock=clock,
             actor=args.actor, filters=_filters(args), dry_run=args.dry_run)
         for result in report.results:
             letter = result.letter
