@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(command(settings, args))
     except StartupError as exc:  # the same one line as every entry point's (shared.cli.starting)
         fail(str(exc))
-    except (OSError, aio_pika.exceptions.AMQPError, asyncpg.PostgresError) as exc:  # lost midway: still one line
+    # Lost midway: still one line.
+    except (OSError, aio_pika.exceptions.AMQPError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         fail(describe_unexpected(exc, settings))
 
 
